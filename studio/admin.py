@@ -1,0 +1,42 @@
+from django.contrib import admin
+
+from studio.models import Job, Persona, Photo, Portrait, Template
+
+
+@admin.register(Persona)
+class PersonaAdmin(admin.ModelAdmin):
+    list_display = ["name", "owner", "status", "engine", "identity_score", "created"]
+    list_filter = ["status", "engine"]
+    search_fields = ["name", "owner__username"]
+    raw_id_fields = ["owner"]
+
+
+@admin.register(Photo)
+class PhotoAdmin(admin.ModelAdmin):
+    list_display = ["id", "owner", "persona", "status", "reason_code", "created"]
+    list_filter = ["status", "reason_code"]
+    raw_id_fields = ["owner", "persona"]
+    readonly_fields = ["owner"]
+
+
+@admin.register(Template)
+class TemplateAdmin(admin.ModelAdmin):
+    list_display = ["title", "tags", "published", "uploaded_by", "created"]
+    list_filter = ["published"]
+    search_fields = ["title", "tags"]
+    raw_id_fields = ["uploaded_by"]
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin):
+    list_display = ["id", "kind", "owner", "persona", "status", "stage", "progress", "created", "finished"]
+    list_filter = ["kind", "status"]
+    raw_id_fields = ["owner", "persona"]
+    readonly_fields = ["owner", "rq_job_id", "error_detail"]
+
+
+@admin.register(Portrait)
+class PortraitAdmin(admin.ModelAdmin):
+    list_display = ["id", "owner", "persona", "template", "identity_similarity", "created"]
+    raw_id_fields = ["owner", "persona", "job"]
+    readonly_fields = ["owner"]

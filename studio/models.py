@@ -1,0 +1,207 @@
+"""The studio's data: a person's photos and digital doubles, staff templates, jobs, portraits.
+
+Invariant kept by every model here: a file that belongs to a person is stored under
+`users/<owner id>/`, and every row that belongs to a person has an `owner`. The media view
+(`studio.views.media_file`) relies on the first; every person-facing query filters on the
+second, so another person's object is a 404.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import PurePosixPath
+
+from django.conf import settings
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+
+def owner_folder(owner_id: int) -> str:
+    return f"users/{owner_id}"
+
+
+def _random_name(folder: str, filename: str) -> str:
+    suffix = PurePosixPath(filename).suffix.lower()[:10]
+    return f"{folder}/{uuid.uuid4().hex}{suffix}"
+
+
+def upload_photo(instance: "Photo", filename: str) -> str:
+    # The persona decides the owner: the file may be saved before the row is.
+    return _random_name(f"{owner_folder(instance.persona.owner_id)}/photos", filename)
+
+
+def upload_persona_file(instance: "Persona", filename: str) -> str:
+    return _random_name(f"{owner_folder(instance.owner_id)}/personas", filename)
+
+
+def upload_portrait(instance: "Portrait", filename: str) -> str:
+    return _random_name(f"{owner_folder(instance.persona.owner_id)}/portraits", filename)
+
+
+def upload_template(instance: models.Model, filename: str) -> str:
+    """Templates are staff content, shown to every signed-in person."""
+    return _random_name("gallery", filename)
+
+
+class OwnedModel(models.Model):
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, verbose_name=_("owner"))
+    created = models.DateTimeField(_("created"), auto_now_add=True)
+
+    class Meta:
+        abstract = True
+
+
+class PersonaPart(OwnedModel):
+    """A row that belongs to a digital double; its owner is always the double's owner."""
+
+    persona = models.ForeignKey(
+        "Persona", on_delete=models.CASCADE, related_name="%(class)ss", verbose_name=_("digital double")
+    )
+
+    class Meta:
+        abstract = True
+
+    def save(self, *args, **kwargs) -> None:
+        self.owner_id = self.persona.owner_id
+        super().save(*args, **kwargs)
+
+
+class Persona(OwnedModel):
+    """A digital double: the photos of one person and the LoRA trained from them."""
+
+    class Status(models.TextChoices):
+        DRAFT = "draft", _("Draft")
+        QUEUED = "queued", _("Queued")
+        PREPROCESSING = "preprocessing", _("Preparing photos")
+        TRAINING = "training", _("Training")
+        VALIDATING = "validating", _("Validating")
+        READY = "ready", _("Ready")
+        FAILED = "failed", _("Failed")
+        CANCELLED = "cancelled", _("Cancelled")
+
+    name = models.CharField(_("name"), max_length=80)
+    status = models.CharField(_("status"), max_length=20, choices=Status.choices, default=Status.DRAFT)
+    keep_photos = models.BooleanField(
+        _("keep my photos"), default=False, help_text=_("Keep the original selfies after the double is built.")
+    )
+    engine = models.CharField(_("engine"), max_length=20, blank=True)
+    lora_file = models.FileField(_("LoRA file"), upload_to=upload_persona_file, blank=True)
+    reference_face = models.FileField(_("reference face"), upload_to=upload_persona_file, blank=True)
+    best_face = models.FileField(_("best validation face"), upload_to=upload_persona_file, blank=True)
+    identity_score = models.FloatField(_("identity score"), null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        verbose_name = _("digital double")
+        verbose_name_plural = _("digital doubles")
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Photo(PersonaPart):
+    """One uploaded selfie, stored re-encoded without metadata, with its face analysis."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", _("Being checked")
+        ACCEPTED = "accepted", _("Accepted")
+        REJECTED = "rejected", _("Refused")
+
+    image = models.FileField(_("image"), upload_to=upload_photo)
+    status = models.CharField(_("status"), max_length=20, choices=Status.choices, default=Status.PENDING)
+    reason_code = models.CharField(_("reason code"), max_length=40, blank=True)
+    analysis = models.JSONField(_("face analysis"), default=dict, blank=True)
+
+    class Meta:
+        ordering = ["created"]
+        verbose_name = _("photo")
+        verbose_name_plural = _("photos")
+
+
+
+class Template(models.Model):
+    """A portrait style curated by staff; published ones appear in everyone's gallery."""
+
+    title = models.CharField(_("title"), max_length=120)
+    image = models.ImageField(_("image"), upload_to=upload_template)
+    thumbnail = models.ImageField(_("thumbnail"), upload_to=upload_template, blank=True)
+    prompt = models.TextField(_("prompt"), blank=True)
+    negative_prompt = models.TextField(_("negative prompt"), blank=True)
+    tags = models.CharField(_("tags"), max_length=200, blank=True, help_text=_("Comma-separated."))
+    face_boxes = models.JSONField(_("face boxes"), default=list, blank=True)
+    published = models.BooleanField(_("published"), default=False)
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, verbose_name=_("uploaded by")
+    )
+    created = models.DateTimeField(_("created"), auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created"]
+        verbose_name = _("template")
+        verbose_name_plural = _("templates")
+
+    def __str__(self) -> str:
+        return self.title
+
+    @property
+    def tag_list(self) -> list[str]:
+        return [tag.strip() for tag in self.tags.split(",") if tag.strip()]
+
+
+class Job(PersonaPart):
+    """One unit of GPU work, mirrored from RQ so pages can show it without asking Redis."""
+
+    class Kind(models.TextChoices):
+        TRAIN = "train", _("Build digital double")
+        GENERATE = "generate", _("Make portraits")
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", _("Waiting")
+        RUNNING = "running", _("Running")
+        SUCCEEDED = "succeeded", _("Done")
+        FAILED = "failed", _("Failed")
+        CANCELLED = "cancelled", _("Cancelled")
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+
+    kind = models.CharField(_("kind"), max_length=20, choices=Kind.choices)
+    templates = models.ManyToManyField(Template, blank=True, verbose_name=_("templates"))
+    status = models.CharField(_("status"), max_length=20, choices=Status.choices, default=Status.QUEUED)
+    stage = models.CharField(_("stage"), max_length=40, blank=True)
+    progress = models.FloatField(_("progress"), default=0.0)
+    rq_job_id = models.CharField(_("RQ job id"), max_length=64, blank=True)
+    started = models.DateTimeField(_("started"), null=True, blank=True)
+    finished = models.DateTimeField(_("finished"), null=True, blank=True)
+    error_for_person = models.TextField(_("error shown to the person"), blank=True)
+    error_detail = models.TextField(_("error detail for staff"), blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        verbose_name = _("job")
+        verbose_name_plural = _("jobs")
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(progress__gte=0.0, progress__lte=1.0), name="job_progress_between_0_and_1"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} #{self.pk}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+
+class Portrait(PersonaPart):
+    """One rendered portrait in a person's private album."""
+
+    template = models.ForeignKey(Template, on_delete=models.SET_NULL, null=True, blank=True, verbose_name=_("template"))
+    job = models.ForeignKey(Job, on_delete=models.SET_NULL, null=True, blank=True, verbose_name=_("job"))
+    image = models.ImageField(_("image"), upload_to=upload_portrait)
+    identity_similarity = models.FloatField(_("identity similarity"), null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        verbose_name = _("portrait")
+        verbose_name_plural = _("portraits")

@@ -1,0 +1,104 @@
+"""Thin views: check who is asking, call a service, render. Another person's object is a 404."""
+
+from __future__ import annotations
+
+import mimetypes
+import posixpath
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_required
+from django.core.files.storage import default_storage
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.translation import gettext as _
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from studio import health, services
+from studio.forms import PersonaForm, SignupForm
+from studio.models import Persona, owner_folder
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    if not request.user.is_authenticated:
+        return render(request, "studio/landing.html")
+    personas = Persona.objects.filter(owner=request.user)
+    context = {"personas": personas, "form": PersonaForm(), "jobs": services.active_jobs(request.user)}
+    return render(request, "studio/home.html", context)
+
+
+@require_http_methods(["GET", "POST"])
+def signup(request: HttpRequest) -> HttpResponse:
+    if request.user.is_authenticated:
+        return redirect("home")
+    form = SignupForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = form.save()
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        messages.success(request, _("Welcome, %(name)s. Your account is ready.") % {"name": user.username})
+        return redirect("home")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+def login_locked_out(request: HttpRequest, original_response=None, credentials=None) -> HttpResponse:
+    """django-axes' lockout response: the login page's throttle message, with HTTP 429."""
+    minutes = int(settings.AXES_COOLOFF_TIME.total_seconds() // 60)
+    return render(request, "registration/locked_out.html", {"cooloff_minutes": minutes}, status=429)
+
+
+@login_required
+@require_POST
+def persona_create(request: HttpRequest) -> HttpResponse:
+    form = PersonaForm(request.POST)
+    if not form.is_valid():
+        personas = Persona.objects.filter(owner=request.user)
+        context = {"personas": personas, "form": form, "jobs": services.active_jobs(request.user)}
+        return render(request, "studio/home.html", context, status=400)
+    persona = services.create_persona(request.user, form.cleaned_data["name"])
+    return redirect("persona", persona_id=persona.id)
+
+
+@login_required
+@require_GET
+def persona_detail(request: HttpRequest, persona_id: int) -> HttpResponse:
+    persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
+    return render(request, "studio/persona.html", {"persona": persona})
+
+
+@login_required
+@require_GET
+def account(request: HttpRequest) -> HttpResponse:
+    return render(request, "studio/account.html")
+
+
+@never_cache
+@require_GET
+def media_file(request: HttpRequest, path: str) -> FileResponse:
+    """Serves a stored file to its owner only; gallery files to anyone signed in.
+
+    Ownership is read from the path: every person's file lives under users/<owner id>/
+    (see studio.models). Anything else, including another person's file, is a 404.
+    """
+    if not request.user.is_authenticated or posixpath.normpath(path) != path or path.startswith(("/", "..")):
+        raise Http404
+    own_file = path.startswith(owner_folder(request.user.id) + "/")
+    if not (own_file or path.startswith("gallery/")) or not default_storage.exists(path):
+        raise Http404
+    content_type, _encoding = mimetypes.guess_type(path)
+    response = FileResponse(default_storage.open(path), content_type=content_type or "application/octet-stream")
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+@never_cache
+@require_GET
+def healthz(request: HttpRequest) -> JsonResponse:
+    checks = {
+        "database": health.check_database(),
+        "redis": health.check_redis(),
+        "worker": health.check_workers(),
+    }
+    healthy = all(check["ok"] for check in checks.values())
+    return JsonResponse({"ok": healthy, **checks}, status=200 if healthy else 503)

@@ -1,0 +1,40 @@
+"""Fixtures for the site's tests: an owner, another person, and their signed-in clients."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+
+from studio.models import Persona
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def owner(db) -> User:
+    return User.objects.create_user("owner", "owner@example.com", PASSWORD)
+
+
+@pytest.fixture
+def other_user(db) -> User:
+    return User.objects.create_user("other", "other@example.com", PASSWORD)
+
+
+@pytest.fixture
+def owner_client(owner) -> Client:
+    client = Client()
+    client.force_login(owner)
+    return client
+
+
+@pytest.fixture
+def other_client(other_user) -> Client:
+    client = Client()
+    client.force_login(other_user)
+    return client
+
+
+@pytest.fixture
+def persona(owner) -> Persona:
+    return Persona.objects.create(owner=owner, name="Me")

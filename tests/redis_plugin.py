@@ -1,0 +1,34 @@
+"""pytest plugin: a private redis-server and data folder, set up before Django's settings load.
+
+Loaded with `-p tests.redis_plugin` (pytest.ini). Its hook runs before pytest-django's, so
+REDIS_URL and DATA_DIR point at throw-away resources when settings are read. RQ and the
+channel layer in tests always talk to this real server, never to a fake.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+from photobooth.dev import RedisServer
+
+_server: RedisServer | None = None
+_data_dir: tempfile.TemporaryDirectory | None = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config, parser, args) -> None:
+    global _server, _data_dir
+    _server = RedisServer()
+    _data_dir = tempfile.TemporaryDirectory(prefix="photobooth-test-data-")
+    os.environ["REDIS_URL"] = _server.url
+    os.environ["DATA_DIR"] = _data_dir.name
+
+
+def pytest_unconfigure(config) -> None:
+    if _server:
+        _server.stop()
+    if _data_dir:
+        _data_dir.cleanup()

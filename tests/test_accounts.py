@@ -1,0 +1,125 @@
+"""Sign-up, log-in throttling, CSRF, password change and reset, logout."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.contrib.auth.models import User
+from django.core import mail
+from django.test import Client
+from django.urls import reverse
+
+from tests.conftest import PASSWORD
+
+pytestmark = pytest.mark.django_db
+
+
+def signup(client: Client, **overrides) -> object:
+    data = {"username": "newperson", "email": "new@example.com", "password1": PASSWORD, "password2": PASSWORD}
+    data.update(overrides)
+    return client.post(reverse("signup"), data)
+
+
+def test_signup_creates_account_and_logs_in(client):
+    response = signup(client)
+    assert response.status_code == 302
+    assert User.objects.filter(username="newperson").exists()
+    assert client.get(reverse("home")).context["user"].username == "newperson"
+
+
+def test_signup_with_taken_name_shows_form_error(client, owner):
+    response = signup(client, username="owner", email="someone@example.com")
+    assert response.status_code == 200
+    assert "A user with that username already exists." in response.content.decode()
+    assert User.objects.filter(username="owner").count() == 1
+
+
+def test_signup_with_weak_password_shows_form_error(client):
+    response = signup(client, password1="12345678", password2="12345678")
+    body = response.content.decode()
+    assert response.status_code == 200
+    assert "This password is too common." in body
+    assert not User.objects.filter(username="newperson").exists()
+
+
+def test_signup_with_mismatched_passwords_shows_form_error(client):
+    response = signup(client, password2=PASSWORD + "!")
+    assert response.status_code == 200
+    assert "The two password fields didn’t match." in response.content.decode()
+    assert not User.objects.filter(username="newperson").exists()
+
+
+def test_signup_with_taken_email_shows_form_error(client, owner):
+    response = signup(client, email="OWNER@example.com")
+    assert response.status_code == 200
+    assert "An account with this e-mail already exists." in response.content.decode()
+
+
+def test_signed_in_person_is_sent_home_from_signup(owner_client):
+    assert owner_client.get(reverse("signup")).status_code == 302
+
+
+def test_login_with_right_password(client, owner):
+    response = client.post(reverse("login"), {"username": "owner", "password": PASSWORD})
+    assert response.status_code == 302
+    assert response["Location"] == reverse("home")
+
+
+def test_wrong_credentials_are_throttled(client, owner, settings):
+    """20 wrong passwords: form errors first, then the throttle page (429), never a 500."""
+    statuses = []
+    for _ in range(20):
+        response = client.post(reverse("login"), {"username": "owner", "password": "wrong password"})
+        statuses.append(response.status_code)
+    limit = settings.AXES_FAILURE_LIMIT
+    assert statuses[: limit - 1] == [200] * (limit - 1)
+    assert set(statuses[limit:]) == {429}
+    assert "Too many failed logins" in response.content.decode()
+    # Even the right password is refused while locked out.
+    response = client.post(reverse("login"), {"username": "owner", "password": PASSWORD})
+    assert response.status_code == 429
+
+
+def test_wrong_password_shows_form_error(client, owner):
+    response = client.post(reverse("login"), {"username": "owner", "password": "nope"})
+    assert response.status_code == 200
+    assert "Please enter a correct username and password." in response.content.decode()
+
+
+def test_post_without_csrf_token_is_refused(owner):
+    client = Client(enforce_csrf_checks=True)
+    response = client.post(reverse("login"), {"username": "owner", "password": PASSWORD})
+    assert response.status_code == 403
+    assert "Traceback" not in response.content.decode()
+
+
+def test_logout_needs_post_and_ends_session(owner_client):
+    response = owner_client.post(reverse("logout"))
+    assert response.status_code == 302
+    assert not owner_client.get(reverse("home")).context["user"].is_authenticated
+
+
+def test_password_change(owner_client, owner):
+    new_password = PASSWORD + " again"
+    response = owner_client.post(
+        reverse("password_change"),
+        {"old_password": PASSWORD, "new_password1": new_password, "new_password2": new_password},
+    )
+    assert response.status_code == 302
+    owner.refresh_from_db()
+    assert owner.check_password(new_password)
+
+
+def test_password_reset_sends_working_link(client, owner):
+    response = client.post(reverse("password_reset"), {"email": "owner@example.com"})
+    assert response.status_code == 302
+    assert len(mail.outbox) == 1
+    link = re.search(r"http://testserver(/accounts/reset/\S+/)", mail.outbox[0].body).group(1)
+    form_page = client.get(link, follow=True)
+    assert form_page.context["validlink"]
+    new_password = "a brand new passphrase"
+    response = client.post(form_page.redirect_chain[-1][0], {"new_password1": new_password, "new_password2": new_password})
+    assert response.status_code == 302
+    owner.refresh_from_db()
+    assert owner.check_password(new_password)

@@ -1,0 +1,76 @@
+"""The live channel, through the real ASGI stack and a real Redis channel layer."""
+
+from __future__ import annotations
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from photobooth.asgi import application
+from studio import services
+from studio.consumers import CLOSE_UNAUTHENTICATED
+from studio.models import Job, Persona
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def socket(client: Client | None = None, origin: bytes = b"http://localhost") -> WebsocketCommunicator:
+    headers = [(b"origin", origin)]
+    if client is not None:
+        headers.append((b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode()))
+    return WebsocketCommunicator(application, "/ws/jobs/", headers=headers)
+
+
+def job_for(user, name: str) -> Job:
+    persona = Persona.objects.create(owner=user, name=name)
+    return Job.objects.create(persona=persona, kind=Job.Kind.TRAIN, progress=0.25)
+
+
+def test_anonymous_socket_is_refused():
+    async def scenario():
+        communicator = socket()
+        connected, code = await communicator.connect()
+        assert not connected
+        assert code == CLOSE_UNAUTHENTICATED
+
+    async_to_sync(scenario)()
+
+
+def test_socket_from_foreign_origin_is_refused(owner_client):
+    async def scenario():
+        communicator = socket(owner_client, origin=b"https://evil.example")
+        connected, _code = await communicator.connect()
+        assert not connected
+
+    async_to_sync(scenario)()
+
+
+def test_socket_gets_own_jobs_on_connect_and_only_own_updates(owner, other_user, owner_client, other_client):
+    own_job = job_for(owner, "Owner double")
+    other_job = job_for(other_user, "Other double")
+
+    async def scenario():
+        mine, theirs = socket(owner_client), socket(other_client)
+        assert (await mine.connect())[0]
+        assert (await theirs.connect())[0]
+
+        panel = await mine.receive_from()
+        assert 'id="jobs" hx-swap-oob="true"' in panel
+        assert f'id="job-{own_job.id}"' in panel and "Owner double" in panel
+        assert "Other double" not in panel
+        await theirs.receive_from()  # the other person's own panel
+
+        await sync_to_async(services.publish_job)(own_job)
+        update = await mine.receive_from()
+        assert f'id="job-{own_job.id}"' in update and 'hx-swap-oob="true"' in update
+        assert await theirs.receive_nothing(timeout=0.3)
+
+        await sync_to_async(services.publish_job)(other_job)
+        assert f'id="job-{other_job.id}"' in await theirs.receive_from()
+        assert await mine.receive_nothing(timeout=0.3)
+
+        await mine.disconnect()
+        await theirs.disconnect()
+
+    async_to_sync(scenario)()

@@ -1,0 +1,87 @@
+"""RQ queues and /healthz against the real test redis-server and real worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import django_rq
+import pytest
+from django.conf import settings
+from django.test import Client
+from rq import Worker
+
+from studio import services
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worker_process(*extra: str) -> subprocess.Popen:
+    """`manage.py rqworker gpu default`, the documented worker command, on the test Redis."""
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "rqworker", "gpu", "default", *extra],
+        cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.fixture
+def empty_queues():
+    connection = django_rq.get_connection("gpu")
+    connection.flushdb()
+    yield
+    connection.flushdb()
+
+
+def test_gpu_jobs_get_the_long_timeout_and_failure_ttl(empty_queues):
+    job = services.enqueue("gpu", "operator.add", 2, 3)
+    assert job.timeout == settings.GPU_JOB_TIMEOUT_S > 180
+    assert job.failure_ttl == settings.JOB_FAILURE_TTL_S
+    assert services.enqueue("default", "operator.add", 1, 1).timeout == settings.DEFAULT_JOB_TIMEOUT_S
+
+
+def test_documented_worker_command_runs_jobs_from_both_queues(empty_queues):
+    gpu_job = services.enqueue("gpu", "operator.add", 2, 3)
+    default_job = services.enqueue("default", "operator.mul", 4, 5)
+    worker = worker_process("--burst")
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0, output.decode(errors="replace")
+    gpu_job.refresh()
+    default_job.refresh()
+    assert gpu_job.return_value() == 5
+    assert default_job.return_value() == 20
+
+
+@pytest.mark.django_db
+def test_healthz_without_worker_is_503(empty_queues):
+    response = Client().get("/healthz")
+    body = response.json()
+    assert response.status_code == 503
+    assert body["database"]["ok"] and body["redis"]["ok"]
+    assert body["worker"] == {"ok": False, "gpu_workers": 0}
+
+
+@pytest.mark.django_db
+def test_healthz_with_live_worker_is_200(empty_queues):
+    worker = worker_process()
+    try:
+        deadline = time.monotonic() + 60
+        while not Worker.all(queue=django_rq.get_queue("gpu")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        response = Client().get("/healthz")
+        assert response.status_code == 200, response.content
+        assert response.json()["worker"] == {"ok": True, "gpu_workers": 1}
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+
+
+@pytest.mark.django_db
+def test_healthz_reports_redis_down(empty_queues, monkeypatch):
+    monkeypatch.setitem(settings.RQ_QUEUES["gpu"], "URL", "redis://127.0.0.1:1/0")
+    body = Client().get("/healthz").json()
+    assert body["ok"] is False
+    assert body["database"]["ok"] is True
+    assert body["redis"] == {"ok": False, "error": "ConnectionError"}

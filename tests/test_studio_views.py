@@ -1,0 +1,70 @@
+"""Home, digital-double pages and account: owner / other person / anonymous."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+
+from studio.models import Persona
+
+pytestmark = pytest.mark.django_db
+
+
+def test_anonymous_home_is_the_landing_page():
+    response = Client().get(reverse("home"))
+    assert response.status_code == 200
+    assert reverse("signup") in response.content.decode()
+
+
+def test_home_lists_only_own_doubles(owner_client, persona, other_user):
+    Persona.objects.create(owner=other_user, name="Someone else")
+    body = owner_client.get(reverse("home")).content.decode()
+    assert persona.name in body
+    assert "Someone else" not in body
+    assert 'ws-connect="/ws/jobs/"' in body
+
+
+def test_create_double(owner_client, owner):
+    response = owner_client.post(reverse("persona_create"), {"name": "  Holiday me  "})
+    persona = Persona.objects.get(owner=owner)
+    assert persona.name == "Holiday me"
+    assert response["Location"] == reverse("persona", args=[persona.id])
+
+
+def test_create_double_without_name_shows_error(owner_client, owner):
+    response = owner_client.post(reverse("persona_create"), {"name": ""})
+    assert response.status_code == 400
+    assert "This field is required." in response.content.decode()
+    assert not Persona.objects.filter(owner=owner).exists()
+
+
+def test_create_double_needs_login():
+    response = Client().post(reverse("persona_create"), {"name": "x"})
+    assert response.status_code == 302
+    assert response["Location"].startswith(reverse("login"))
+    assert not Persona.objects.exists()
+
+
+def test_double_page_owner_other_anonymous(owner_client, other_client, persona):
+    url = reverse("persona", args=[persona.id])
+    assert owner_client.get(url).status_code == 200
+    assert other_client.get(url).status_code == 404
+    assert Client().get(url).status_code == 302
+
+
+def test_unknown_double_is_404(owner_client):
+    assert owner_client.get(reverse("persona", args=[999999])).status_code == 404
+
+
+def test_account_page(owner_client):
+    response = owner_client.get(reverse("account"))
+    assert response.status_code == 200
+    assert reverse("password_change") in response.content.decode()
+    assert Client().get(reverse("account")).status_code == 302
+
+
+def test_pages_send_csrf_token_on_htmx_requests(owner_client):
+    body = owner_client.get(reverse("home")).content.decode()
+    assert "hx-headers='{\"X-CSRFToken\": \"" in body
+    assert "vendor/htmx-2.0.11.min.js" in body and "vendor/htmx-ext-ws-2.0.4.js" in body
