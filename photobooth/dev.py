@@ -65,7 +65,8 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s} s")
 
     def stop(self) -> None:
-        self.process.terminate()
+        if self.process.poll() is None:
+            self.process.terminate()
         self.process.wait(timeout=10)
         self._folder.cleanup()
 
@@ -90,6 +91,8 @@ def run() -> int:
         subprocess.Popen([python, "manage.py", "rqworker", "gpu", "default"], cwd=ROOT, env=env),
     ]
     print(f"Photobooth is running at http://127.0.0.1:{port}/ (Ctrl-C stops it).", flush=True)
+    # Ctrl-C and SIGTERM both stop everything, even where the shell started us ignoring SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     exit_code = 0
     try:
@@ -102,7 +105,7 @@ def run() -> int:
     finally:
         for child in children:
             if child.poll() is None:
-                child.send_signal(signal.SIGINT)
+                child.terminate()
         for child in children:
             try:
                 child.wait(timeout=15)
