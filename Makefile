@@ -6,10 +6,11 @@ PY := $(VENV)/bin/python
 .PHONY: install run test
 
 # Re-installs only when requirements.txt changes.
-$(VENV)/installed.stamp: requirements.txt
+$(VENV)/installed.stamp: requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
 
 install: $(VENV)/installed.stamp

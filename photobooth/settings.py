@@ -25,7 +25,6 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 # Everything the site writes (SQLite file, private media) lives under one folder.
 DATA_DIR = Path(env_str("DATA_DIR", str(BASE_DIR / "data")))
-PRIVATE_MEDIA_ROOT = DATA_DIR / "media"
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 INSTALLED_APPS = [
@@ -120,7 +119,7 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "static"
 # Media are private: MEDIA_URL is routed to studio.views.media_file, which checks the owner.
 MEDIA_URL = "/media/"
-MEDIA_ROOT = PRIVATE_MEDIA_ROOT
+MEDIA_ROOT = DATA_DIR / "media"
 _S3_BUCKET = env_str("S3_BUCKET", "")
 if _S3_BUCKET:
     _default_storage = {
@@ -138,8 +137,7 @@ if _S3_BUCKET:
     }
 else:
     _default_storage = {
-        "BACKEND": "django.core.files.storage.FileSystemStorage",
-        "OPTIONS": {"location": PRIVATE_MEDIA_ROOT},
+        "BACKEND": "django.core.files.storage.FileSystemStorage",  # in MEDIA_ROOT
     }
 STORAGES = {
     "default": _default_storage,
@@ -151,6 +149,18 @@ STORAGES = {
 }
 FILE_UPLOAD_PERMISSIONS = 0o600
 FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
+
+# Selfie uploads: limits checked on the server for every file.
+PHOTO_MAX_BYTES = env_int("PHOTO_MAX_MB", 15, minimum=1) * 2**20
+PHOTO_MAX_PIXELS = env_int("PHOTO_MAX_MEGAPIXELS", 50, minimum=1) * 1_000_000
+PHOTOS_PER_PERSONA = 20
+PHOTOS_NEEDED = 5
+# Above our own per-request limit, so 21 files get our clear message, not Django's 400.
+DATA_UPLOAD_MAX_NUMBER_FILES = 2 * PHOTOS_PER_PERSONA
+# Face analysis: "dlib" (offline default, ships with pip) or "insightface" with a model pack
+# folder (e.g. buffalo_l; its licence allows non-commercial research only).
+FACE_BACKEND = env_str("FACE_BACKEND", "dlib")
+FACE_MODEL_DIR = env_str("FACE_MODEL_DIR", "") or None
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 CHANNEL_LAYERS = {

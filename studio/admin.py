@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from studio.models import Job, Persona, Photo, Portrait, Template
+from studio.models import FaceConsent, Job, Persona, Photo, Portrait, Template
 
 
 @admin.register(Persona)
@@ -40,3 +40,9 @@ class PortraitAdmin(admin.ModelAdmin):
     list_display = ["id", "owner", "persona", "template", "identity_similarity", "created"]
     raw_id_fields = ["owner", "persona", "job"]
     readonly_fields = ["owner"]
+
+
+@admin.register(FaceConsent)
+class FaceConsentAdmin(admin.ModelAdmin):
+    list_display = ["owner", "version", "created"]
+    raw_id_fields = ["owner"]

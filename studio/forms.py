@@ -2,6 +2,7 @@ from django import forms
 from django.contrib.auth.forms import UserCreationForm
 from django.contrib.auth.models import User
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
 from studio.models import Persona
 
@@ -27,3 +28,51 @@ class PersonaForm(forms.ModelForm):
         model = Persona
         fields = ["name"]
         labels = {"name": _("Name of your digital double")}
+
+
+class MultipleFileInput(forms.ClearableFileInput):
+    allow_multiple_selected = True
+
+
+class MultipleFileField(forms.FileField):
+    """Django's documented pattern: a FileField whose clean() returns a list of files."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("widget", MultipleFileInput(attrs={"accept": "image/*", "multiple": True}))
+        super().__init__(*args, **kwargs)
+
+    def clean(self, data, initial=None) -> list:
+        single_file_clean = super().clean
+        if isinstance(data, (list, tuple)):
+            return [single_file_clean(item, initial) for item in data]
+        return [single_file_clean(data, initial)]
+
+
+class PhotoUploadForm(forms.Form):
+    """Selfies for one digital double; the count is checked here, each file in studio.uploads."""
+
+    photos = MultipleFileField(label=_("Photos"))
+
+    def __init__(self, *args, room: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.room = room
+
+    def clean_photos(self) -> list:
+        photos = self.cleaned_data["photos"]
+        if len(photos) > self.room:
+            raise forms.ValidationError(
+                ngettext(
+                    "You can add %(count)d more photo to this double; you sent %(sent)d.",
+                    "You can add %(count)d more photos to this double; you sent %(sent)d.",
+                    self.room,
+                )
+                % {"count": self.room, "sent": len(photos)}
+            )
+        return photos
+
+
+class FaceConsentForm(forms.Form):
+    agree = forms.BooleanField(
+        label=_("I agree that Photobooth processes my face to build my digital double."),
+        error_messages={"required": _("Please tick the box to agree, or leave this page.")},
+    )

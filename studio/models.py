@@ -51,6 +51,19 @@ class OwnedModel(models.Model):
         abstract = True
 
 
+class FaceConsent(OwnedModel):
+    """A person's explicit consent to processing their face, for one version of the wording."""
+
+    CURRENT_VERSION = "2026-11-v1"
+
+    version = models.CharField(_("version"), max_length=40)
+
+    class Meta:
+        verbose_name = _("face consent")
+        verbose_name_plural = _("face consents")
+        constraints = [models.UniqueConstraint(fields=["owner", "version"], name="one_consent_per_version")]
+
+
 class PersonaPart(OwnedModel):
     """A row that belongs to a digital double; its owner is always the double's owner."""
 
@@ -89,6 +102,9 @@ class Persona(OwnedModel):
     reference_face = models.FileField(_("reference face"), upload_to=upload_persona_file, blank=True)
     best_face = models.FileField(_("best validation face"), upload_to=upload_persona_file, blank=True)
     identity_score = models.FloatField(_("identity score"), null=True, blank=True)
+    # The preprocessed training set (pipeline.preprocess's folder, zipped): crops, scores,
+    # embeddings and the reference face. Training reads it; it stays until the double goes.
+    preprocessed = models.FileField(_("preprocessed photos"), upload_to=upload_persona_file, blank=True)
 
     class Meta:
         ordering = ["-created"]

@@ -17,8 +17,8 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from studio import health, services
-from studio.forms import PersonaForm, SignupForm
-from studio.models import Persona, owner_folder
+from studio.forms import FaceConsentForm, PersonaForm, PhotoUploadForm, SignupForm
+from studio.models import Persona, Photo, owner_folder
 
 
 def home(request: HttpRequest) -> HttpResponse:
@@ -60,11 +60,63 @@ def persona_create(request: HttpRequest) -> HttpResponse:
     return redirect("persona", persona_id=persona.id)
 
 
+def _persona_page(request: HttpRequest, persona: Persona, **context) -> HttpResponse:
+    """The upload page; htmx requests get only the photos panel."""
+    photos = list(persona.photos.all())
+    accepted = sum(photo.status == Photo.Status.ACCEPTED for photo in photos)
+    context = {
+        "persona": persona,
+        "photos": photos,
+        "accepted": accepted,
+        "still_needed": max(0, settings.PHOTOS_NEEDED - accepted),
+        "room": settings.PHOTOS_PER_PERSONA - len(photos),
+        "has_consent": services.has_face_consent(request.user),
+        "upload_form": PhotoUploadForm(room=settings.PHOTOS_PER_PERSONA - len(photos)),
+        "consent_form": FaceConsentForm(),
+        **context,
+    }
+    template = "studio/_photos.html" if request.htmx else "studio/persona.html"
+    return render(request, template, context, status=400 if context.get("invalid") else 200)
+
+
 @login_required
 @require_GET
 def persona_detail(request: HttpRequest, persona_id: int) -> HttpResponse:
+    return _persona_page(request, get_object_or_404(Persona, id=persona_id, owner=request.user))
+
+
+@login_required
+@require_POST
+def face_consent(request: HttpRequest, persona_id: int) -> HttpResponse:
     persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
-    return render(request, "studio/persona.html", {"persona": persona})
+    form = FaceConsentForm(request.POST)
+    if not form.is_valid():
+        return _persona_page(request, persona, consent_form=form, invalid=True)
+    services.give_face_consent(request.user)
+    return redirect("persona", persona_id=persona.id)
+
+
+@login_required
+@require_POST
+def photo_upload(request: HttpRequest, persona_id: int) -> HttpResponse:
+    """Without consent nothing is stored; refused files are listed with their reason."""
+    persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
+    if not services.has_face_consent(request.user):
+        return _persona_page(request, persona, invalid=True)
+    form = PhotoUploadForm(request.POST, request.FILES, room=settings.PHOTOS_PER_PERSONA - persona.photos.count())
+    if not form.is_valid():
+        return _persona_page(request, persona, upload_form=form, invalid=True)
+    refusals = services.add_photos(persona, form.cleaned_data["photos"])
+    return _persona_page(request, persona, refusals=refusals)
+
+
+@login_required
+@require_POST
+def photo_delete(request: HttpRequest, photo_id: int) -> HttpResponse:
+    photo = get_object_or_404(Photo, id=photo_id, owner=request.user)
+    persona = photo.persona
+    services.delete_photo(photo)
+    return _persona_page(request, persona) if request.htmx else redirect("persona", persona_id=persona.id)
 
 
 @login_required

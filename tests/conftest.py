@@ -11,6 +11,13 @@ from studio.models import Persona
 PASSWORD = "correct horse battery staple"
 
 
+@pytest.fixture(autouse=True)
+def private_media(settings, tmp_path):
+    """Each test stores media in its own empty folder, so tests can count files."""
+    settings.MEDIA_ROOT = tmp_path / "media"
+    return settings.MEDIA_ROOT
+
+
 @pytest.fixture
 def owner(db) -> User:
     return User.objects.create_user("owner", "owner@example.com", PASSWORD)

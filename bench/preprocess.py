@@ -1,0 +1,54 @@
+"""Benchmark: face analysis and preprocessing of ../shared/faces on the CPU, dlib backend.
+
+Run from the repository root: `python bench/preprocess.py [FACES_DIR]`.
+Baseline: the same analyser detecting at full resolution instead of on a copy whose long
+side is 800 px. Model loading is timed apart: a worker loads the models once and keeps them.
+Ends with `seconds_per_photo=N`, the whole preprocessing (decode, analysis, checks, crops,
+segmentation) divided by the number of photos; the goal is <= 0.5 on 2 cores.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.faces import DlibFaceAnalyzer  # noqa: E402
+from pipeline.preprocess import load_photo, preprocess  # noqa: E402
+
+
+def main() -> None:
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO.parent / "shared" / "faces"
+    photos = [(path.name, path.read_bytes()) for path in sorted(folder.iterdir()) if path.suffix != ".md"]
+
+    started = time.perf_counter()
+    ours = DlibFaceAnalyzer()
+    print(f"model load: {time.perf_counter() - started:.2f} s")
+    full_resolution = DlibFaceAnalyzer(detect_long_side=10**6)
+
+    print(f"{'photo':<26}{'pixels':>10}{'faces':>7}{'full-res s':>12}{'ours s':>9}")
+    totals = [0.0, 0.0]
+    for name, data in photos:
+        image = load_photo(data)
+        timings = []
+        for analyzer in (full_resolution, ours):
+            started = time.perf_counter()
+            faces = analyzer.analyze(image)
+            timings.append(time.perf_counter() - started)
+        totals = [total + timing for total, timing in zip(totals, timings)]
+        print(f"{name:<26}{image.width * image.height:>10}{len(faces):>7}{timings[0]:>12.3f}{timings[1]:>9.3f}")
+    print(f"{'analysis total':<43}{totals[0]:>12.3f}{totals[1]:>9.3f}")
+
+    started = time.perf_counter()
+    result = preprocess(photos, ours)
+    elapsed = time.perf_counter() - started
+    accepted = sum(decision.accepted for decision in result.decisions)
+    print(f"preprocess: {len(photos)} photos, {accepted} selected, {elapsed:.2f} s")
+    print(f"seconds_per_photo={elapsed / len(photos):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Preprocessing on real photos: decisions, scores, crops, the written folder and the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance, ImageFilter
+
+from pipeline.common import CancelToken, Cancelled, Progress
+from pipeline.preprocess import REASONS, PreprocessConfig, check_photo, load_photo, preprocess, write_preprocessed
+
+REPO = Path(__file__).resolve().parents[2]
+OBAMA = ["obama.jpg", "obama2.jpg", "obama3.jpg", "obama1.jpg", "obama-480p.jpg"]
+PERSONA = OBAMA + ["biden.jpg", "two_people.jpg"]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def landscape_without_face() -> bytes:
+    """A sky-and-ground picture: smooth gradients and a sun, nothing face-like."""
+    y, x = np.mgrid[0:480, 0:640]
+    sky = np.stack([90 + y // 4, 140 + y // 6, 235 - y // 8], axis=-1)
+    ground = np.stack([60 + x // 16, 120 + x // 20, 40 + 0 * x], axis=-1)
+    pixels = np.where((y > 300)[..., None], ground, sky)
+    pixels[(x - 500) ** 2 + (y - 90) ** 2 < 40**2] = (255, 230, 120)
+    return png_bytes(Image.fromarray(pixels.astype(np.uint8)))
+
+
+@pytest.fixture(scope="module")
+def persona_photos(faces_dir: Path) -> list[tuple[str, bytes]]:
+    photos = [(name, (faces_dir / name).read_bytes()) for name in PERSONA]
+    return photos + [("landscape.png", landscape_without_face())]
+
+
+@pytest.fixture(scope="module")
+def run(persona_photos, dlib_analyzer):
+    """One preprocessing of the persona, with every progress report it made."""
+    reports: list[Progress] = []
+    result = preprocess(persona_photos, dlib_analyzer, progress=reports.append)
+    return result, reports
+
+
+@pytest.fixture(scope="module")
+def result(run):
+    return run[0]
+
+
+def reasons_of(result) -> dict[str, str | None]:
+    return {decision.name: decision.reason for decision in result.decisions}
+
+
+def test_obama_photos_are_kept_and_the_others_refused_with_reasons(result):
+    reasons = reasons_of(result)
+    assert list(reasons) == PERSONA + ["landscape.png"]
+    for name in ("obama2.jpg", "obama3.jpg", "obama1.jpg"):
+        assert reasons[name] is None, name
+    # obama-480p.jpg is the official portrait letterboxed: one of the two may go.
+    portrait = sorted([reasons["obama.jpg"] or "", reasons["obama-480p.jpg"] or ""])
+    assert portrait in (["", ""], ["", "near_duplicate"])
+    assert reasons["biden.jpg"] == "different_person"
+    assert reasons["two_people.jpg"] == "multiple_faces"
+    assert reasons["landscape.png"] == "no_face"
+
+
+def test_every_refusal_carries_its_english_message(result):
+    for decision in result.decisions:
+        assert decision.accepted == (decision.reason is None)
+        assert decision.message == (REASONS[decision.reason] if decision.reason else None)
+
+
+def test_scores_rank_the_person_above_the_stranger(result):
+    scores = {decision.name: decision.scores for decision in result.decisions}
+    assert scores["two_people.jpg"] is None and scores["landscape.png"] is None
+    for name in OBAMA:
+        assert 0.0 <= scores[name].quality <= 1.0
+        assert 0.8 <= scores[name].angle <= 1.0
+        assert scores[name].similarity > scores["biden.jpg"].similarity
+
+
+def test_reference_is_a_selected_obama_photo_with_keypoints_in_its_crop(result):
+    selected = [image.name for image in result.train]
+    assert result.reference is not None and result.reference.name in selected
+    assert result.reference.name in OBAMA
+    crop = result.reference.crop
+    assert crop.image.size == (512, 512)
+    x0, y0, x1, y1 = crop.box
+    assert crop.keypoints.shape == (5, 2)
+    assert ((crop.keypoints > (x0, y0)) & (crop.keypoints < (x1, y1))).all()
+    # box x3: a third of the crop wide, more only when the photo is too small for x3
+    assert 512 / 3 - 1 <= x1 - x0 <= 512 / 2
+
+
+def test_training_images_are_square_crops_on_white(result):
+    accepted = [decision.name for decision in result.decisions if decision.accepted]
+    assert sorted(image.name for image in result.train) == sorted(accepted)
+    for image in result.train:
+        pixels = np.asarray(image.image)
+        assert image.image.size == (512, 512) and image.image.mode == "RGB"
+        assert (pixels[:8, :8] >= 250).all(), "the top corner is background: white"
+        assert pixels[200:300, 220:290].mean() < 230, "the face in the middle is kept"
+
+
+def test_progress_is_reported_per_photo_and_ends_at_one(run, persona_photos):
+    _, reports = run
+    fractions = [report.fraction for report in reports]
+    assert len(reports) >= len(persona_photos)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert all(report.stage == "preprocess" for report in reports)
+
+
+def test_cancel_stops_before_the_next_photo(faces_dir, dlib_analyzer):
+    token = CancelToken()
+    seen: list[Progress] = []
+
+    def cancel_after_first(report: Progress) -> None:
+        seen.append(report)
+        token.cancel()
+
+    photos = [("landscape.png", landscape_without_face()), ("obama.jpg", (faces_dir / "obama.jpg").read_bytes())]
+    with pytest.raises(Cancelled):
+        preprocess(photos, dlib_analyzer, progress=cancel_after_first, cancel=token)
+    assert len(seen) == 1
+
+
+def test_surplus_photos_are_refused_as_not_needed(faces_dir, dlib_analyzer):
+    photos = [(name, (faces_dir / name).read_bytes()) for name in ("obama_small.jpg", "obama2.jpg", "obama3.jpg")]
+    result = preprocess(photos, dlib_analyzer, PreprocessConfig(max_train_photos=2))
+    assert sorted(decision.reason or "" for decision in result.decisions) == ["", "", "not_needed"]
+    assert len(result.train) == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda image: image.filter(ImageFilter.GaussianBlur(8)), "too_blurry"),
+        (lambda image: ImageEnhance.Brightness(image).enhance(0.2), "too_dark"),
+        (lambda image: image.resize((image.width // 4, image.height // 4)), "face_too_small"),
+    ],
+    ids=["blurred", "darkened", "shrunk"],
+)
+def test_poor_photos_are_refused(change, reason, face_photo, dlib_analyzer):
+    decision = check_photo(0, "obama.jpg", change(face_photo("obama.jpg")), dlib_analyzer, PreprocessConfig())
+    assert decision.reason == reason
+    assert decision.scores is not None
+
+
+def test_heic_photos_are_read(face_photo):
+    buffer = io.BytesIO()
+    face_photo("obama_small.jpg").save(buffer, format="HEIF")
+    photo = load_photo(buffer.getvalue())
+    assert photo is not None and photo.size == (320, 240) and photo.mode == "RGB"
+
+
+def test_non_image_bytes_are_refused(dlib_analyzer):
+    decision = check_photo(0, "notes.txt", b"these are not pixels", dlib_analyzer, PreprocessConfig())
+    assert decision.reason == "not_an_image" and decision.scores is None
+
+
+def test_written_folder_holds_crops_captions_and_persona_json(result, tmp_path):
+    write_preprocessed(result, tmp_path)
+    persona = json.loads((tmp_path / "persona.json").read_text(encoding="utf-8"))
+    assert persona["version"] == 1 and persona["backend"] == "dlib"
+    assert persona["reference"]["name"] == result.reference.name
+    assert np.array(persona["reference"]["keypoints"]).shape == (5, 2)
+    assert Image.open(tmp_path / persona["reference"]["image"]).size == (512, 512)
+    assert len(persona["train"]) == len(result.train) >= 3
+    for item in persona["train"]:
+        assert Image.open(tmp_path / item["image"]).size == (512, 512)
+        assert (tmp_path / item["image"]).with_suffix(".txt").read_text(encoding="utf-8").strip() == persona["caption"]
+        assert len(item["embedding"]) == 128
+    assert [photo["reason"] for photo in persona["photos"]] == [d.reason for d in result.decisions]
+
+
+def test_command_line_prints_decisions_as_json(faces_dir, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("obama.jpg", "obama2.jpg", "biden.jpg", "two_people.jpg"):
+        (photos / name).write_bytes((faces_dir / name).read_bytes())
+    (photos / "landscape.png").write_bytes(landscape_without_face())
+    (photos / "notes.txt").write_text("not a photo")
+    command = [sys.executable, "-m", "pipeline", "preprocess", str(photos), "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    reasons = {photo["name"]: photo["reason"] for photo in summary["photos"]}
+    assert reasons == {
+        "biden.jpg": "different_person",
+        "landscape.png": "no_face",
+        "notes.txt": "not_an_image",
+        "obama.jpg": None,
+        "obama2.jpg": None,
+        "two_people.jpg": "multiple_faces",
+    }
+    assert summary["reference"] in ("obama.jpg", "obama2.jpg")
+    messages = {photo["name"]: photo["message"] for photo in summary["photos"]}
+    assert messages["biden.jpg"] == REASONS["different_person"]
+    assert (tmp_path / "out" / "persona.json").is_file()
+
+
+def test_command_line_reports_a_missing_folder(tmp_path):
+    command = [sys.executable, "-m", "pipeline", "preprocess", str(tmp_path / "none"), "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "not found" in json.loads(done.stderr)["error"]

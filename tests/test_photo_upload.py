@@ -1,0 +1,171 @@
+"""Selfie uploads: consent, the bad-file corpus, metadata stripping, analysis on real faces."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
+from django.urls import reverse
+from PIL import Image
+
+from studio import services
+from studio.models import FaceConsent, Photo
+
+pytestmark = pytest.mark.django_db
+FACES = Path(os.environ.get("PHOTOBOOTH_FACES_DIR", Path(__file__).resolve().parents[2] / "shared" / "faces"))
+
+
+def face(name: str) -> bytes:
+    return (FACES / name).read_bytes()
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def minimal_psd(width: int = 4, height: int = 4) -> bytes:
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3)
+    return header + struct.pack(">III", 0, 0, 0) + struct.pack(">H", 0) + b"\x80" * (3 * width * height)
+
+
+def stored_files() -> list[Path]:
+    return sorted(path for path in Path(settings.MEDIA_ROOT).rglob("*") if path.is_file())
+
+
+@pytest.fixture
+def consented(owner):
+    services.give_face_consent(owner)
+
+
+def upload(client: Client, persona, *files: tuple[str, bytes], htmx: bool = False):
+    payload = [SimpleUploadedFile(name, data) for name, data in files]
+    headers = {"HX-Request": "true"} if htmx else {}
+    return client.post(reverse("photo_upload", args=[persona.id]), {"photos": payload}, headers=headers)
+
+
+BAD_FILES = {
+    "empty": ("empty.jpg", lambda: b"", "The submitted file is empty."),
+    "truncated_jpeg": ("cut.jpg", lambda: face("obama.jpg")[:40_000], "not a photo we can read"),
+    "png_bomb": ("bomb.png", lambda: encoded(Image.new("1", (30_000, 30_000)), "PNG"), "too many pixels"),
+    "100_megapixels": ("huge.png", lambda: encoded(Image.new("L", (10_000, 10_000)), "PNG"), "too many pixels"),
+    "svg_as_jpg": ("vector.jpg", lambda: b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>', "not a photo we can read"),
+    "eps_as_jpg": ("print.jpg", lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", "not supported"),
+    "psd_as_jpg": ("layers.jpg", minimal_psd, "not supported"),
+    "html_polyglot": ("page.jpg", lambda: b"GIF89a<html><body><script>alert(1)</script></body></html>", "not a photo we can read"),
+    "gif": ("anim.jpg", lambda: encoded(Image.new("RGB", (8, 8)), "GIF"), "not supported"),
+    "text": ("notes.jpg", lambda: b"just some text, not an image at all", "not a photo we can read"),
+    "30_megabytes": ("big.jpg", lambda: b"\xff\xd8\xff\xe0" + os.urandom(30 * 2**20), "larger than 15 MB"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_bad_file_is_refused_and_leaves_nothing(owner_client, persona, consented, kind):
+    name, make, message = BAD_FILES[kind]
+    before = stored_files()
+    response = upload(owner_client, persona, (name, make()))
+    assert response.status_code in (200, 400)  # a per-file refusal, or the form's own error
+    assert message in response.content.decode()
+    assert not Photo.objects.exists()
+    assert stored_files() == before
+
+
+def test_twenty_one_files_in_one_request_are_refused(owner_client, persona, consented):
+    response = upload(owner_client, persona, *[(f"{i}.jpg", face("obama_small.jpg")) for i in range(21)])
+    assert response.status_code == 400
+    assert "You can add 20 more photos to this double; you sent 21." in response.content.decode()
+    assert not Photo.objects.exists() and stored_files() == []
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("rgba.png", lambda: face("lin-manuel-miranda.png")),
+        ("cmyk.jpg", lambda: encoded(Image.open(FACES / "obama.jpg").convert("CMYK"), "JPEG")),
+        ("deep.png", lambda: encoded(Image.open(FACES / "obama.jpg").convert("L").point(lambda v: v * 256, "I").convert("I;16"), "PNG")),
+        ("zip_appended.jpg", lambda: face("obama.jpg") + b"PK\x03\x04" + b"secret archive" * 100),
+    ],
+)
+def test_unusual_but_valid_images_are_accepted_and_converted(owner_client, persona, consented, name, make):
+    response = upload(owner_client, persona, (name, make()))
+    assert response.status_code == 200
+    photo = Photo.objects.get()
+    data = photo.image.read()
+    assert b"PK\x03\x04" not in data
+    stored = Image.open(io.BytesIO(data))
+    assert (stored.format, stored.mode) == ("JPEG", "RGB")
+    grey = stored.convert("L")
+    assert 30 < sum(grey.get_flattened_data()) / (grey.width * grey.height) < 225  # not washed out or black
+
+
+def test_stored_photos_carry_no_metadata_and_are_upright(owner_client, persona, consented):
+    original = Image.open(FACES / "obama.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to view
+    exif[0x010F] = "PhoneMaker"
+    exif.get_ifd(0x8825).update({1: "N", 2: (48.0, 51.0, 30.0), 3: "E", 4: (2.0, 17.0, 40.0)})
+    upload(owner_client, persona, ("gps.jpg", encoded(original, "JPEG", exif=exif, comment=b"private note")))
+    stored = Image.open(Photo.objects.get().image)
+    assert dict(stored.getexif()) == {}
+    assert not {"exif", "icc_profile", "xmp", "comment"} & set(stored.info)
+    assert stored.size == (original.height, original.width)
+
+
+def test_no_consent_no_storage(owner_client, persona):
+    response = upload(owner_client, persona, ("a.jpg", face("obama.jpg")))
+    assert response.status_code == 400
+    assert not Photo.objects.exists() and stored_files() == []
+
+
+def test_consent_is_recorded_with_version(owner_client, owner, persona):
+    response = owner_client.post(reverse("face_consent", args=[persona.id]), {})
+    assert response.status_code == 400
+    assert "Please tick the box to agree" in response.content.decode()
+    owner_client.post(reverse("face_consent", args=[persona.id]), {"agree": "on"})
+    consent = FaceConsent.objects.get(owner=owner)
+    assert consent.version == FaceConsent.CURRENT_VERSION and consent.created is not None
+
+
+def test_other_person_and_anonymous_cannot_upload(other_client, persona, owner):
+    services.give_face_consent(owner)
+    assert upload(other_client, persona, ("a.jpg", face("obama.jpg"))).status_code == 404
+    assert upload(Client(), persona, ("a.jpg", face("obama.jpg"))).status_code == 302
+    assert not Photo.objects.exists()
+
+
+def test_real_faces_are_analysed_and_explained(owner_client, persona, consented):
+    files = ["obama.jpg", "obama2.jpg", "obama3.jpg", "obama1.jpg", "biden.jpg", "two_people.jpg"]
+    response = upload(owner_client, persona, *[(name, face(name)) for name in files], htmx=True)
+    body = response.content.decode()
+    photos = list(persona.photos.order_by("id"))
+    verdicts = [(photo.status, photo.reason_code) for photo in photos]
+    assert verdicts[:4] == [("accepted", "")] * 4
+    assert verdicts[4:] == [("rejected", "different_person"), ("rejected", "multiple_faces")]
+    assert sum(photo.analysis["reference"] for photo in photos[:4]) == 1
+    assert "4 good photos." in body and "Add 1 more to build your double." in body
+    assert "This face does not look like the person in your other photos." in body
+    persona.refresh_from_db()
+    assert persona.preprocessed.name.endswith(".zip")
+
+    chinese = owner_client.get(reverse("persona", args=[persona.id]), headers={"accept-language": "zh-CN"})
+    assert "这张照片里不止一张脸" in chinese.content.decode()
+
+
+def test_deleting_a_photo_removes_its_file_and_reanalyses(
+    owner_client, other_client, persona, consented, django_capture_on_commit_callbacks
+):
+    upload(owner_client, persona, ("a.jpg", face("obama.jpg")), ("b.jpg", face("biden.jpg")))
+    photo = persona.photos.get(reason_code="")
+    assert other_client.post(reverse("photo_delete", args=[photo.id])).status_code == 404
+    name = photo.image.name
+    with django_capture_on_commit_callbacks(execute=True):
+        owner_client.post(reverse("photo_delete", args=[photo.id]))
+    assert not Photo.objects.filter(id=photo.id).exists()
+    assert not (Path(settings.MEDIA_ROOT) / name).exists()
