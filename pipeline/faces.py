@@ -99,6 +99,7 @@ class FaceAnalyzer(Protocol):
 
     name: str
     thresholds: FaceThresholds
+    embedding_size: int
 
     def analyze(self, image: Image.Image) -> list[Face]: ...
 
@@ -138,6 +139,7 @@ class DlibFaceAnalyzer:
 
     name = "dlib"
     thresholds = DLIB_THRESHOLDS
+    embedding_size = 128
 
     def __init__(self, model_dir: str | Path | None = None, detect_long_side: int = 800) -> None:
         import dlib
@@ -212,6 +214,7 @@ class InsightFaceAnalyzer:
 
     name = "insightface"
     thresholds = INSIGHTFACE_THRESHOLDS
+    embedding_size = 512  # ArcFace (buffalo_l's w600k_r50)
 
     def __init__(
         self,
@@ -259,3 +262,15 @@ def load_face_analyzer(backend: str, model_dir: str | Path | None = None) -> Fac
             raise ValueError("the insightface backend needs a model folder (--models)")
         return InsightFaceAnalyzer(model_dir)
     raise ValueError(f"unknown face backend {backend!r}: use 'dlib' or 'insightface'")
+
+
+def largest_face_embeddings(analyzer: FaceAnalyzer, images: Sequence[Image.Image]) -> np.ndarray:
+    """One identity embedding per image, of its largest face; a zero row where none is found.
+
+    This is the embedder training scores its validation faces with (a zero row scores 0).
+    """
+    rows = []
+    for image in images:
+        faces = analyzer.analyze(image.convert("RGB"))
+        rows.append(faces[0].embedding if faces else np.zeros(analyzer.embedding_size, np.float32))
+    return np.stack(rows)

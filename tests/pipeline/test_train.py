@@ -1,0 +1,162 @@
+"""Persona training end to end on the tiny kit: train, checkpoint, validate, fuse, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file
+
+from pipeline.__main__ import main
+from pipeline.common import CancelToken, Cancelled
+from pipeline.models import load_models
+from pipeline.tinykit import pixel_embedder
+from pipeline.train import (
+    LORA_FILE,
+    RESUME_FILE,
+    CheckpointResult,
+    TrainConfig,
+    centred_templates,
+    checkpoint_folder,
+    fusion_weights,
+    train_persona,
+)
+from tests.pipeline.tinykit_fixtures import photos, tiny_kit  # noqa: F401 (fixtures)
+
+# A higher learning rate than production so 4 steps visibly move the tiny model.
+CONFIG = TrainConfig(rank=4, alpha=2, unet_lr=1e-3, text_lr=1e-3, max_steps=4, checkpoint_every=2, validation_steps=3)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_kit):
+    return load_models(tiny_kit, "cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(models, photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("persona")
+    reports = []
+    result = train_persona(models, photos, out, pixel_embedder, centred_templates(photos[:2]), CONFIG, reports.append)
+    return result, reports
+
+
+def unet_output(pipe) -> torch.Tensor:
+    """The UNet's noise prediction for a fixed input, conditioned on the caption through the text encoder."""
+    torch.manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8)
+    ids = pipe.tokenizer(CONFIG.caption, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)[0]
+        return pipe.unet(latents, torch.tensor([500]), hidden).sample
+
+
+def fresh_pipeline(tiny_kit) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(tiny_kit / "base", safety_checker=None, requires_safety_checker=False)
+
+
+def delta(state: dict, key_a: str) -> torch.Tensor:
+    """The weight change B @ A of one layer (1x1 convolutions flattened)."""
+    a, b = state[key_a].float(), state[key_a.replace(".lora_A.", ".lora_B.")].float()
+    return b.flatten(1) @ a.flatten(1)
+
+
+def test_training_reports_progress_checkpoints_and_leaves_the_models_clean(trained, models):
+    result, reports = trained
+    assert result.steps == 4 and result.resumed_from_step == 0 and result.step_mode == "eager"
+    assert [c.step for c in result.checkpoints] == [2, 4]
+    assert all(len(c.scores) == 2 for c in result.checkpoints)
+    assert {r.stage for r in reports} >= {"caching", "training", "validating", "fusing"}
+    assert any("step 4/4 loss" in r.detail for r in reports)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.best_face_path.is_file() and result.lora_path.is_file() and result.kohya_path.is_file()
+    assert sum(result.fusion_weights.values()) == pytest.approx(1.0)
+    for model in (models.unet, models.text_encoder):
+        assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+        assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_fused_lora_is_the_weighted_sum_of_the_checkpoints(trained, tmp_path):
+    result, _ = trained
+    fused = load_file(result.lora_path)
+    steps = list(result.fusion_weights)
+    checkpoints = [load_file(checkpoint_folder(result.lora_path.parent, s) / LORA_FILE) for s in steps]
+    keys_a = [k for k in fused if ".lora_A." in k]
+    assert any(k.startswith("unet.") for k in keys_a) and any(k.startswith("text_encoder.") for k in keys_a)
+    assert len(steps) == 2 and not torch.equal(checkpoints[0][keys_a[0]], checkpoints[1][keys_a[0]])
+    for key in keys_a:
+        expected = sum(w * delta(c, key) for w, c in zip(result.fusion_weights.values(), checkpoints))
+        assert fused[key].shape[0] == CONFIG.rank * len(steps)
+        torch.testing.assert_close(delta(fused, key), expected, rtol=1e-2, atol=1e-6)
+
+
+def test_fused_lora_and_its_kohya_export_load_into_a_diffusers_pipeline(trained, tiny_kit):
+    result, _ = trained
+    pipe = fresh_pipeline(tiny_kit)
+    before = unet_output(pipe)
+    pipe.load_lora_weights(result.lora_path.parent, weight_name=result.lora_path.name)
+    with_lora = unet_output(pipe)
+    assert not torch.allclose(before, with_lora, atol=1e-4)
+
+    kohya = fresh_pipeline(tiny_kit)
+    keys = load_file(result.kohya_path)
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    # webui's names: diffusers module paths with underscores, the text encoder under text_model.
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight" in keys
+    assert {k.rsplit(".", 2)[0].replace(".", "_") for k in load_file(result.lora_path)} == {
+        k.split(".")[0].replace("lora_te_", "text_encoder_").replace("lora_unet_", "unet_") for k in keys
+    }
+    kohya.load_lora_weights(result.kohya_path.parent, weight_name=result.kohya_path.name)
+    torch.testing.assert_close(unet_output(kohya), with_lora, rtol=1e-3, atol=1e-5)
+
+
+def test_fusion_weights_count_the_top_results():
+    checkpoints = [CheckpointResult(100, None, [0.9, 0.1]), CheckpointResult(200, None, [0.8, 0.7])]
+    assert fusion_weights(checkpoints, top_k=3) == {100: 1 / 3, 200: 2 / 3}
+    assert fusion_weights(checkpoints, top_k=10) == {100: 0.5, 200: 0.5}
+
+
+def test_a_cancelled_run_resumes_from_its_last_checkpoint(trained, models, photos, tmp_path):
+    templates = centred_templates(photos[:2])
+    cancel = CancelToken()
+
+    def cancel_after_first_checkpoint(report):
+        if report.detail == "checkpoint 2 saved":
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        train_persona(models, photos, tmp_path, pixel_embedder, templates, CONFIG, cancel_after_first_checkpoint, cancel)
+    assert checkpoint_folder(tmp_path, 2).is_dir() and not checkpoint_folder(tmp_path, 4).exists()
+    state = torch.load(tmp_path / RESUME_FILE, weights_only=True)
+    saved = load_file(checkpoint_folder(tmp_path, 2) / LORA_FILE)
+    scale = CONFIG.alpha / CONFIG.rank
+    for key, value in state["unet"].items():  # the resume state is the checkpoint's weights, unrounded
+        expected = value * scale if ".lora_B." in key else value
+        torch.testing.assert_close(saved["unet." + key].float(), expected, rtol=1e-3, atol=1e-6)
+
+    reports = []
+    resumed = train_persona(models, photos, tmp_path, pixel_embedder, templates, CONFIG, reports.append)
+    assert resumed.resumed_from_step == 2 and len(resumed.losses) == 2
+    assert [r.detail for r in reports if r.detail.startswith("step")][0].startswith("step 3/4")
+    assert [c.step for c in resumed.checkpoints] == [2, 4]
+    # Resuming restores weights, optimiser and random state: the result equals the uninterrupted run's.
+    uninterrupted = load_file(checkpoint_folder(trained[0].lora_path.parent, 4) / LORA_FILE)
+    for key, value in load_file(checkpoint_folder(tmp_path, 4) / LORA_FILE).items():
+        torch.testing.assert_close(value, uninterrupted[key])
+
+
+def test_command_line_trains_from_a_preprocessed_folder(tiny_kit, photos, tmp_path, capsys):
+    crops = tmp_path / "preprocessed"
+    (crops / "train").mkdir(parents=True)
+    for index, photo in enumerate(photos):
+        photo.save(crops / "train" / f"{index:02d}.png")
+    train = [{"image": f"train/{index:02d}.png"} for index in range(len(photos))]
+    (crops / "persona.json").write_text(json.dumps({"caption": "a photo of zwx person", "train": train}))
+    argv = ["train", str(crops), "--models", str(tiny_kit), "--out", str(tmp_path / "out"), "--backend", "pixels"]
+    assert main(argv + ["--max-steps", "2", "--checkpoint-every", "1", "--device", "cpu"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and [c["step"] for c in summary["checkpoints"]] == [1, 2]
+    assert set(summary["fusion_weights"]) <= {"1", "2"} and summary["best_score"] > -1
