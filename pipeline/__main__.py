@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "preprocess": ("pipeline.preprocess", "Analyse selfies, pick the training set, write crops."),
     "train": ("pipeline.train", "Train, validate and fuse a persona LoRA."),
+    "portrait": ("pipeline.generate", "Render a portrait of a persona in a template's style."),
 }
 
 

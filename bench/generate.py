@@ -1,0 +1,295 @@
+"""Times portrait rendering.
+
+    python bench/generate.py --engine classic                                  # CPU, real photos
+    python bench/generate.py --engine diffusion --shapes tiny --device cpu     # plumbing, < 1 min
+    python bench/generate.py --engine diffusion --shapes sd15 --device cuda    # SD1.5 shapes
+
+classic: an Obama persona (../shared/faces, dlib) rendered into each posed template, N portraits at
+512 px on the CPU; templates are analysed first, as the site does at upload. Model loading excluded.
+Last line `seconds_per_portrait=N`.
+
+diffusion: random weights in SD1.5's shapes built in code (bench/train.py's `random_models`, the
+tiny kit's `random_controlnet`), so nothing downloads and the face photos are not needed: the
+persona and templates are smooth random images with a fixed synthetic face geometry, and face
+analysis is a stub returning that geometry (it costs nothing here; in production insightface runs
+it on the GPU). Rows:
+- naive: the plain diffusers StableDiffusionControlNetInpaintPipeline two-pass (pass 1: 3 ControlNets,
+  50 steps x 0.45; pass 2: 2 ControlNets, 20 steps x 0.30; CFG 7; same scheduler), no LoRA, PIL in
+  and out, the models as loaded (before ours converts them to channels_last);
+- ours: `pipeline.generate.render_portraits` end to end (fusion, controls, both passes, colour
+  transfer, paste-back, identity) with a rank-128 persona LoRA fused; on CUDA once eager and once
+  with CUDA graphs, and the largest pixel difference between the two.
+Last line `portrait_s=N batch4_portraits_per_s=N naive_portrait_s=N`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.faces import DLIB_THRESHOLDS, Face  # noqa: E402
+from pipeline.generate import (  # noqa: E402
+    DiffusionEngine,
+    GenerateConfig,
+    Persona,
+    TemplateFaces,
+    analyse_template,
+    load_persona,
+    render_portraits,
+)
+
+
+def timed(function, repeats: int, device: torch.device) -> tuple[float, object]:
+    """Mean seconds of `repeats` calls (CUDA synchronised) and the last call's result."""
+    result = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        result = function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - started) / repeats, result
+
+
+# --------------------------------------------------------------------------- classic
+
+
+def bench_classic(faces_dir: Path, rounds: int) -> None:
+    from pipeline.faces import DlibFaceAnalyzer
+    from pipeline.preprocess import preprocess, write_preprocessed
+
+    started = time.perf_counter()
+    analyzer = DlibFaceAnalyzer()
+    print(f"model load: {time.perf_counter() - started:.2f} s")
+    names = ("obama.jpg", "obama2.jpg", "obama3.jpg", "obama1.jpg")
+    with tempfile.TemporaryDirectory() as folder:
+        write_preprocessed(preprocess([(n, (faces_dir / n).read_bytes()) for n in names], analyzer), folder)
+        persona = load_persona(folder, analyzer)
+    templates = []
+    for name in ("biden.jpg", "biden2.jpg", "obama3.jpg", "alex_lacamoire1.jpg"):
+        image = Image.open(faces_dir / name).convert("RGB")
+        seconds, template = timed(lambda: analyse_template(image, analyzer), 1, torch.device("cpu"))
+        templates.append(template)
+        print(f"analyse {name:<22} {image.width}x{image.height} {seconds:.3f} s")
+    timings = []
+    for _ in range(rounds):
+        for template in templates:
+            seconds, (result,) = timed(lambda: render_portraits(persona, [template], analyzer), 1, torch.device("cpu"))
+            timings.append(seconds)
+    print(f"{len(timings)} portraits at 512 px: mean {np.mean(timings):.3f} s, max {np.max(timings):.3f} s; "
+          f"last identity {result.identity_score:.3f}")
+    print(f"seconds_per_portrait={np.mean(timings):.3f}")
+
+
+# --------------------------------------------------------------------------- diffusion
+
+
+class SyntheticFaces:
+    """A face analyser stub: every image has one face at the same relative place (centre, a third
+    of the short side wide), so crops, masks and controls have real geometry without a detector."""
+
+    name = "synthetic"
+    thresholds = DLIB_THRESHOLDS
+    KEYPOINTS = np.array([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]], np.float32)
+
+    def analyze(self, image: Image.Image) -> list[Face]:
+        width = min(image.size) / 3
+        x0, y0 = (image.width - width) / 2, (image.height - width) / 2
+        embedding = np.ones(8, np.float32) / np.sqrt(8)
+        keypoints = self.KEYPOINTS * width + np.array([x0, y0], np.float32)
+        return [Face((x0, y0, x0 + width, y0 + width), 1.0, keypoints, embedding)]
+
+
+def smooth_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+
+
+def random_lora(models, folder: Path) -> Path:
+    """A rank-128 persona LoRA (training's targets) with random weights, in diffusers' file format."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from pipeline.train import ADAPTER, TrainConfig, add_lora, remove_lora
+
+    add_lora(models.unet, models.text_encoder, TrainConfig())
+    try:
+        with torch.no_grad():
+            for model in (models.unet, models.text_encoder):
+                for name, param in model.named_parameters():
+                    if "lora_B" in name:
+                        param.normal_(0.0, 1e-3)
+        StableDiffusionPipeline.save_lora_weights(
+            folder,
+            unet_lora_layers=get_peft_model_state_dict(models.unet, adapter_name=ADAPTER),
+            text_encoder_lora_layers=get_peft_model_state_dict(models.text_encoder, adapter_name=ADAPTER),
+        )
+    finally:
+        remove_lora(models.unet, models.text_encoder)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def naive_two_pass(models, config: GenerateConfig, inputs: list[tuple[Image.Image, Image.Image]], seed: int = 0):
+    """The plain diffusers two-pass: pipelines built as a user would, prompts and PIL images in."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionControlNetInpaintPipeline
+    from pipeline.generate import canny_control, color_control
+
+    def pipeline(step):
+        scheduler = DPMSolverMultistepScheduler.from_config(
+            models.scheduler.config, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True
+        )
+        pipe = StableDiffusionControlNetInpaintPipeline(
+            vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
+            controlnet=[models.controlnet(kind) for kind, _ in step.controlnets], scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    first, second = pipeline(config.pass1), pipeline(config.pass2)
+    size, count = inputs[0][0].width, len(inputs)
+
+    def stacked(images: list[np.ndarray]) -> np.ndarray:
+        # With several ControlNets diffusers takes a batch per net as one array, not a list of images.
+        return np.stack(images).astype(np.float32) / 255.0
+
+    def run() -> list[Image.Image]:
+        images, masks = [image for image, _ in inputs], [mask for _, mask in inputs]
+        arrays = [np.asarray(i) for i in images]
+        common = dict(
+            prompt=[config.prompt] * count, negative_prompt=[config.negative_prompt] * count, mask_image=masks,
+            height=size, width=size, guidance_scale=config.guidance_scale,
+        )
+        out = first(
+            image=images,
+            control_image=[stacked([canny_control(a, config) for a in arrays]),
+                           stacked([color_control(a, config) for a in arrays]),
+                           stacked([np.zeros_like(a) for a in arrays])],
+            controlnet_conditioning_scale=[s for _, s in config.pass1.controlnets],
+            strength=config.pass1.strength, num_inference_steps=config.pass1.steps,
+            generator=[torch.Generator(models.device).manual_seed(seed + i) for i in range(count)], **common,
+        ).images
+        arrays = [np.asarray(i) for i in out]
+        return second(
+            image=out,
+            control_image=[stacked([canny_control(a, config) for a in arrays]), stacked(arrays)],
+            controlnet_conditioning_scale=[s for _, s in config.pass2.controlnets],
+            strength=config.pass2.strength, num_inference_steps=config.pass2.steps,
+            generator=[torch.Generator(models.device).manual_seed(seed + i) for i in range(count)], **common,
+        ).images
+
+    return run
+
+
+def bench_diffusion(shapes: str, device: torch.device, batch: int) -> None:
+    from bench.train import random_models  # noqa: E402 (bench/ is a namespace package on REPO)
+    from pipeline.models import CONTROLNET_KINDS
+    from pipeline.tinykit import random_controlnet
+    from pipeline.train import native_resolution
+
+    started = time.perf_counter()
+    models = random_models(shapes, device)
+    for index, kind in enumerate(CONTROLNET_KINDS):
+        models.controlnets[kind] = random_controlnet(models.unet, seed=1 + index).to(device, models.dtype).eval()
+    size = native_resolution(models)
+    cuda = device.type == "cuda"
+    repeats = 3 if cuda else 1
+    print(f"device={device} {torch.cuda.get_device_name(device) if cuda else ''} shapes={shapes} size={size} "
+          f"dtype={models.dtype} torch={torch.__version__} build_s={time.perf_counter() - started:.1f}", flush=True)
+
+    config = GenerateConfig(crop_size=size)
+    analyzer = SyntheticFaces()
+    folder = Path(tempfile.mkdtemp())
+    reference = smooth_image(size, size, seed=0)
+    reference.save(folder / "reference.png")
+    reference_face = analyzer.analyze(reference)[0]
+    persona = Persona(folder, reference, reference_face.keypoints, reference_face.embedding, "phb person")
+    images = [smooth_image(size * 3 // 2, size * 2, seed=10 + i) for i in range(batch)]
+    templates = [TemplateFaces(image, analyzer.analyze(image)) for image in images]
+    lora = random_lora(models, folder)
+
+    # naive first: ours converts the shared models to channels_last.
+    naive_inputs = [(t.image.resize((size, size)), Image.new("L", (size, size), 255)) for t in templates]
+    naive_one = naive_two_pass(models, config, naive_inputs[:1])
+    naive_batch = naive_two_pass(models, config, naive_inputs)
+    naive_one()
+    naive_s, _ = timed(naive_one, repeats, device)
+    naive_batch_s, _ = timed(naive_batch, 1, device)
+    print(f"naive: {naive_s:.3f} s/portrait, batch {batch}: {naive_batch_s:.3f} s", flush=True)
+
+    rows = [("naive diffusers two-pass", naive_s, naive_batch_s)]
+    outputs = {}
+    variants = [("ours, eager", False), ("ours, CUDA graphs", True)] if cuda else [("ours", False)]
+    for name, graphs in variants:
+        engine = DiffusionEngine.from_models(models, replace(config, cuda_graphs=graphs))
+        variant = replace(config, cuda_graphs=graphs)
+
+        def one():
+            return render_portraits(persona, templates[:1], analyzer, variant, engine=engine, lora=lora)
+
+        def many():
+            return render_portraits(persona, templates, analyzer, variant, engine=engine, lora=lora)
+
+        first_s, _ = timed(one, 1, device)  # fuses the LoRA (once per persona), captures graphs
+        timed(many, 1, device)
+        one_s, result = timed(one, repeats, device)
+        many_s, _ = timed(many, 1 if not cuda else 2, device)
+        outputs[name] = np.asarray(result[0].crop).astype(int)
+        print(f"{name}: first call {first_s:.3f} s, {one_s:.3f} s/portrait, batch {batch}: {many_s:.3f} s", flush=True)
+        rows.append((name, one_s, many_s))
+    if cuda:
+        diff = np.abs(outputs["ours, eager"] - outputs["ours, CUDA graphs"])
+        graphed = engine.graphed
+        print(f"graphs captured: {sum(len(g.graphs) for g in graphed)}, "
+              f"modules that fell back to eager: {sum(g.failed for g in graphed)}; "
+              f"eager vs graphs: max pixel diff {diff.max()}, mean {diff.mean():.3f}")
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+
+    print()
+    print(f"| variant | s/portrait (batch 1) | s for {batch} | portraits/s (batch {batch}) | speedup (batch 1) |")
+    print("|---|---|---|---|---|")
+    for name, one_s, many_s in rows:
+        print(f"| {name} | {one_s:.3f} | {many_s:.3f} | {batch / many_s:.2f} | {naive_s / one_s:.1f}x |")
+    _, best_one, best_many = rows[-1]
+    throughput = batch / best_many
+    print(f"portrait_s={best_one:.3f} batch{batch}_portraits_per_s={throughput:.2f} naive_portrait_s={naive_s:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=("classic", "diffusion"), default="classic")
+    parser.add_argument("--shapes", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="classic: rounds over the templates")
+    parser.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces")
+    args = parser.parse_args()
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    if args.engine == "classic":
+        bench_classic(args.faces, args.rounds)
+    else:
+        bench_diffusion(args.shapes, device, args.batch)
+
+
+if __name__ == "__main__":
+    main()

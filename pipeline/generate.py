@@ -1,0 +1,815 @@
+"""Portraits: a persona's face rendered into a template's style (EasyPhoto's inference, DESIGN.md s.4).
+
+Two engines behind `render_portraits`:
+
+- `classic` (no diffusion; the default when no diffusion weights are configured): crop the template
+  around its face (box x3, 512 px square), fuse the reference face into it (similarity warp by the
+  5 keypoints, colour transfer, Poisson seamless clone), paste back, score identity.
+- `diffusion`: EasyPhoto's two passes on top of that crop.
+  1. Fusion of the reference face (ratio 0.6): the init image and the source of the canny and
+     colour controls.
+  2. The best validation face placed on the template by its 5 keypoints (similarity transform):
+     the source of the openpose-face control. That control is drawn from landmarks, so the paste
+     is done on the landmarks themselves: the best face's landmarks, mapped by the transform, are
+     exactly what a detector would find on the pasted image, without a second detection.
+  3. Pass 1 inpaints the face mask (face box and shape, closed, dilated by face width / 10) with
+     the persona LoRA at 0.9 and ControlNets canny 0.50 / colour 0.85 / openpose 0.50, strength
+     0.45 of 50 DPM++ 2M SDE Karras steps, CFG 7; then colour transfer toward the template.
+  4. A second fusion (0.6).
+  5. Pass 2 inpaints the ring around the face contour plus the mouth (canny 1.0 + tile 1.0,
+     strength 0.30 of 20 steps): it repairs the seams the fusion leaves.
+  6. Retouch hook, paste back into the full template, super-resolution hook.
+  7. Identity score: cosine between the output face's embedding and the reference face's.
+
+Every edit is composited through a feathered mask, so pixels away from the face keep the
+template's exact values.
+
+Speed (diffusion). `DiffusionEngine` builds the two diffusers inpaint pipelines once from the
+resident components (they share the UNet, VAE, text encoder and ControlNets) and is reused for
+every portrait. Per persona the LoRA is fused into the weights once through diffusers (load, fuse
+at its scale, unload: rank x checkpoints of LoRA matmuls would otherwise run at every step) and the
+fused weights are kept (`FusedLora`): each render call copies them in and the originals back, so
+the resident models are exactly as before between calls (a bf16 unfuse would not be exact) and a
+persona's next call costs two memory copies, not a LoRA load. The prompt is encoded once per call
+for both passes. A batch of templates renders in one pipeline call per pass. On CUDA:
+channels_last, cuDNN autotuning, and the UNet and ControlNet forwards replayed as CUDA graphs
+(`GraphedForward`), because at these sizes the GPU waits on kernel launches. The graphs are
+installed only while the engine renders, so training on the same resident models never sees
+them, and they survive persona changes because the LoRA swaps write the weights in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from pipeline.common import CancelToken, Progress, ProgressCallback, gettext_noop, ignore_progress
+from pipeline.faces import Face, FaceAnalyzer, load_face_analyzer
+from pipeline.preprocess import PreprocessConfig, crop_around_face, load_photo, no_restoration
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.models import ModelSet
+
+ImageHook = Callable[[Image.Image], Image.Image]
+
+TEMPLATE_REASONS = {
+    "no_face": gettext_noop("We could not find a face in this template."),
+    "face_too_small": gettext_noop("The face in this template is too small; use a larger or closer photo."),
+}
+
+# dlib's 68-point layout: the outer lip.
+MOUTH_LANDMARKS = slice(48, 60)
+
+
+@dataclass(frozen=True)
+class InpaintPass:
+    """One diffusion pass: which ControlNets at which scale, how much of the schedule to run."""
+
+    controlnets: tuple[tuple[str, float], ...]
+    strength: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """EasyPhoto's inference defaults (DESIGN.md s.4)."""
+
+    crop_scale: float = 3.0  # template crop: face box x3
+    crop_size: int = 512
+    fusion_ratio: float = 0.6  # diffusion: the passes rebuild identity with the LoRA
+    # Classic has no diffusion after the fusion to bring identity back, so it fuses fully.
+    classic_fusion_ratio: float = 1.0
+    dilate_fraction: float = 0.1  # pass-1 mask grows by face width / 10
+    edge_fraction: float = 0.06  # pass-2 ring: this fraction of face width either side of the contour
+    feather_fraction: float = 0.03  # composite masks are blurred by this fraction of face width
+    canny_low: int = 100
+    canny_high: int = 200
+    color_block: int = 64  # colour control: downscale x64, nearest upscale
+    lora_scale: float = 0.9
+    prompt: str = (
+        "best quality, realistic, photo-realistic, finely detailed, light smile, ultra high res, raw photo"
+    )
+    negative_prompt: str = (
+        "bags under the eyes, glasses, worst quality, low quality, normal quality, lowres, watermark, nsfw"
+    )
+    guidance_scale: float = 7.0
+    pass1: InpaintPass = InpaintPass((("canny", 0.50), ("color", 0.85), ("openpose", 0.50)), 0.45, 50)
+    pass2: InpaintPass = InpaintPass((("canny", 1.0), ("tile", 1.0)), 0.30, 20)
+    seed: int = 0
+    cuda_graphs: bool = True
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+class TemplateRefused(ValueError):
+    """A template that cannot serve: `reason` is a TEMPLATE_REASONS key, the message is for staff."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(TEMPLATE_REASONS[reason])
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TemplateFaces:
+    """A template image and its faces, largest first; portraits replace the first."""
+
+    image: Image.Image
+    faces: list[Face]
+
+    @property
+    def face(self) -> Face:
+        return self.faces[0]
+
+    @property
+    def boxes(self) -> list[list[float]]:
+        return [[round(v, 1) for v in face.box] for face in self.faces]
+
+
+def analyse_template(image: Image.Image, analyzer: FaceAnalyzer) -> TemplateFaces:
+    """Finds the template's faces for the staff upload; refuses one with no usable face."""
+    image = image.convert("RGB")
+    faces = analyzer.analyze(image)
+    if not faces:
+        raise TemplateRefused("no_face")
+    if faces[0].width < analyzer.thresholds.min_face_size:
+        raise TemplateRefused("face_too_small")
+    return TemplateFaces(image, faces)
+
+
+@dataclass(frozen=True)
+class Persona:
+    """What rendering needs of a persona folder (see pipeline.preprocess and pipeline.train)."""
+
+    folder: Path
+    reference: Image.Image  # reference.png: the most frontal crop
+    reference_keypoints: np.ndarray  # (5, 2) in reference.png pixels
+    embedding: np.ndarray  # the reference face's identity embedding, unit norm
+    caption: str  # the trigger phrase the LoRA was trained with
+
+    @property
+    def best_face_path(self) -> Path:
+        """The best validation face written by training; the reference stands in before training."""
+        path = self.folder / "best_face.png"
+        return path if path.is_file() else self.folder / "reference.png"
+
+
+def load_persona(folder: str | Path, analyzer: FaceAnalyzer) -> Persona:
+    """Reads persona.json and reference.png; the embedding is the reference photo's own."""
+    folder = Path(folder)
+    record_path = folder / "persona.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"no persona.json in {folder}: run `python -m pipeline preprocess` first")
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    reference = record.get("reference")
+    if reference is None:
+        raise ValueError(f"persona {folder} has no reference face (no photo was accepted)")
+    if record["backend"] != analyzer.name:
+        raise ValueError(
+            f"persona {folder} was analysed with {record['backend']}, not {analyzer.name}: "
+            "identity embeddings of different backends cannot be compared"
+        )
+    embedding = next(item["embedding"] for item in record["train"] if item["name"] == reference["name"])
+    return Persona(
+        folder=folder,
+        reference=Image.open(folder / reference["image"]).convert("RGB"),
+        reference_keypoints=np.asarray(reference["keypoints"], np.float32),
+        embedding=np.asarray(embedding, np.float32),
+        caption=record["caption"],
+    )
+
+
+# --------------------------------------------------------------------------- geometry and masks
+
+
+@dataclass(frozen=True)
+class TemplateCrop:
+    image: np.ndarray  # (crop_size, crop_size, 3) uint8 RGB
+    face: Face  # the template's face in crop pixels
+    window: tuple[float, float, float]  # left, top, side of the crop in template pixels
+
+
+def crop_template(template: TemplateFaces, config: GenerateConfig) -> TemplateCrop:
+    """The template cropped around its face (box x3, square, crop_size px), via preprocess's crop."""
+    face = template.face
+    framing = PreprocessConfig(crop_scale=config.crop_scale, crop_size=config.crop_size)
+    crop = crop_around_face(template.image, face, framing)
+    scale = (crop.box[2] - crop.box[0]) / face.width
+    left, top = face.box[0] - crop.box[0] / scale, face.box[1] - crop.box[1] / scale
+    landmarks = None
+    if face.landmarks is not None:
+        landmarks = ((face.landmarks - np.array([left, top], np.float32)) * scale).astype(np.float32)
+    in_crop = replace(face, box=crop.box, keypoints=crop.keypoints, landmarks=landmarks)
+    return TemplateCrop(np.asarray(crop.image), in_crop, (left, top, config.crop_size / scale))
+
+
+def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Least-squares rotation + uniform scale + shift taking `source` points onto `target` (Umeyama); 2x3."""
+    source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
+    source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
+    source_c, target_c = source - source_mean, target - target_mean
+    u, s, vt = np.linalg.svd(target_c.T @ source_c / len(source))
+    d = np.diag([1.0, np.sign(np.linalg.det(u @ vt))])
+    rotation = u @ d @ vt
+    scale = np.trace(np.diag(s) @ d) / source_c.var(axis=0).sum()
+    shift = target_mean - scale * rotation @ source_mean
+    return np.hstack([scale * rotation, shift[:, None]])
+
+
+def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return (points @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
+
+
+def face_shape(face: Face, size: tuple[int, int]) -> np.ndarray:
+    """The face itself (uint8 0/255, height x width): the hull of the 68 landmarks, or for backends
+    with 5 keypoints only, the ellipse inscribed in the face box."""
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    if face.landmarks is not None:
+        cv2.fillConvexPoly(mask, cv2.convexHull(np.round(face.landmarks).astype(np.int32)), 255)
+    else:
+        x0, y0, x1, y1 = face.box
+        centre = (round((x0 + x1) / 2), round((y0 + y1) / 2))
+        cv2.ellipse(mask, centre, (round((x1 - x0) / 2), round((y1 - y0) / 2)), 0, 0, 360, 255, -1)
+    return mask
+
+
+def _disk(radius: float) -> np.ndarray:
+    side = 2 * max(1, round(radius)) + 1
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
+
+
+def inpaint_mask(face: Face, shape: np.ndarray, config: GenerateConfig) -> np.ndarray:
+    """Pass 1: the face box and shape, closed (no holes between them), dilated by face width / 10."""
+    mask = shape.copy()
+    x0, y0, x1, y1 = (round(v) for v in face.box)
+    cv2.rectangle(mask, (x0, y0), (x1, y1), 255, -1)
+    radius = config.dilate_fraction * face.width
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disk(radius))
+    return cv2.dilate(mask, _disk(radius))
+
+
+def edge_mask(face: Face, shape: np.ndarray, config: GenerateConfig) -> np.ndarray:
+    """Pass 2: the ring around the face contour plus the mouth."""
+    kernel = _disk(config.edge_fraction * face.width)
+    ring = cv2.subtract(cv2.dilate(shape, kernel), cv2.erode(shape, kernel))
+    mouth = np.zeros_like(shape)
+    if face.landmarks is not None:
+        cv2.fillConvexPoly(mouth, cv2.convexHull(np.round(face.landmarks[MOUTH_LANDMARKS]).astype(np.int32)), 255)
+        mouth = cv2.dilate(mouth, kernel)
+    else:
+        left, right = face.keypoints[3], face.keypoints[4]
+        centre = tuple(int(v) for v in np.round((left + right) / 2))
+        half = float(np.linalg.norm(right - left)) / 2
+        angle = float(np.degrees(np.arctan2(*(right - left)[::-1])))
+        cv2.ellipse(mouth, centre, (round(half * 1.3), round(half * 0.7)), angle, 0, 360, 255, -1)
+    return cv2.max(ring, mouth)
+
+
+def feathered(mask: np.ndarray, face: Face, config: GenerateConfig) -> np.ndarray:
+    """A 0..1 float mask with soft edges that stays inside the hard mask (no halo outside it)."""
+    sigma = max(0.5, config.feather_fraction * face.width)
+    inner = cv2.erode(mask, _disk(sigma))
+    soft = cv2.GaussianBlur(inner.astype(np.float32) / 255.0, (0, 0), sigma)
+    return np.minimum(soft, mask.astype(np.float32) / 255.0)
+
+
+def composite(base: np.ndarray, overlay: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    out = base.astype(np.float32) * (1.0 - alpha[..., None]) + overlay.astype(np.float32) * alpha[..., None]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- colour, fusion, controls
+
+
+def color_transfer(
+    source: np.ndarray, target: np.ndarray, source_mask: np.ndarray, target_mask: np.ndarray
+) -> np.ndarray:
+    """`source` recoloured so its Lab mean and spread inside `source_mask` match `target`'s inside
+    `target_mask` (EasyPhoto's colour transfer, restricted to the face so backgrounds do not count)."""
+    source_lab = cv2.cvtColor(source.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    target_lab = cv2.cvtColor(target.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    s_mean, s_std = cv2.meanStdDev(source_lab, mask=source_mask)
+    t_mean, t_std = cv2.meanStdDev(target_lab, mask=target_mask)
+    lab = (source_lab - s_mean.ravel()) * (t_std.ravel() / np.maximum(s_std.ravel(), 1e-3)) + t_mean.ravel()
+    lab[..., 0] = np.clip(lab[..., 0], 0, 100)
+    rgb = cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_LAB2RGB)
+    return np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def fuse_face(
+    image: np.ndarray, face: Face, shape: np.ndarray, source: Image.Image, source_keypoints: np.ndarray, ratio: float
+) -> np.ndarray:
+    """Blends the source face into `image` at `face`: similarity warp by the 5 keypoints, colour
+    transfer to the template's skin, Poisson seamless clone inside the face shape, then `ratio` of
+    the result over the image (EasyPhoto's face fusion ratio)."""
+    height, width = image.shape[:2]
+    matrix = similarity_transform(source_keypoints, face.keypoints)
+    warped = cv2.warpAffine(
+        np.asarray(source), matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+    )
+    valid = cv2.warpAffine(np.full(source.size[::-1], 255, np.uint8), matrix, (width, height), flags=cv2.INTER_NEAREST)
+    mask = cv2.bitwise_and(shape, valid)
+    mask[:2, :], mask[-2:, :], mask[:, :2], mask[:, -2:] = 0, 0, 0, 0  # seamlessClone needs a margin
+    if not mask.any():
+        return image.copy()
+    warped = color_transfer(warped, image, mask, mask)
+    x, y, w, h = cv2.boundingRect(mask)
+    cloned = cv2.seamlessClone(warped, image, mask, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
+    return composite(image, cloned, np.full((height, width), ratio, np.float32))
+
+
+def canny_control(image: np.ndarray, config: GenerateConfig) -> np.ndarray:
+    edges = cv2.Canny(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), config.canny_low, config.canny_high)
+    return np.repeat(edges[..., None], 3, axis=2)
+
+
+def color_control(image: np.ndarray, config: GenerateConfig) -> np.ndarray:
+    height, width = image.shape[:2]
+    small = (max(1, width // config.color_block), max(1, height // config.color_block))
+    mosaic = cv2.resize(image, small, interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(mosaic, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def pose_control(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Face landmarks drawn as openpose's face renderer does: white dots, radius 3, on black."""
+    canvas = np.zeros((size[1], size[0], 3), np.uint8)
+    for x, y in np.round(points).astype(int):
+        cv2.circle(canvas, (int(x), int(y)), 3, (255, 255, 255), -1)
+    return canvas
+
+
+def pasted_landmarks(pose_face: Face, target: Face) -> np.ndarray:
+    """The pose face's landmarks (or keypoints) after its similarity paste onto the target face."""
+    points = pose_face.landmarks if pose_face.landmarks is not None else pose_face.keypoints
+    return transform_points(similarity_transform(pose_face.keypoints, target.keypoints), points)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class PortraitMasks:
+    """The masks used, in crop pixels (uint8 L images); the inpaint masks are None for classic."""
+
+    face: Image.Image  # the face shape the fusions clone into
+    paste: Image.Image  # where the crop was pasted back into the template
+    inpaint: Image.Image | None = None  # pass 1
+    edge: Image.Image | None = None  # pass 2
+
+
+@dataclass(frozen=True)
+class PortraitResult:
+    image: Image.Image  # the template with the persona's face, template size (unless upscaled)
+    identity_score: float | None  # cosine to the reference face; None when no face is found
+    engine: str  # "classic" or "diffusion"
+    crop: Image.Image  # the rendered crop before paste-back
+    window: tuple[float, float, float]  # left, top, side of the crop in template pixels
+    masks: PortraitMasks
+
+
+def identity_score(image: Image.Image, face: Face, reference: np.ndarray, analyzer: FaceAnalyzer) -> float | None:
+    """Cosine between the reference embedding and the face found where the template's face was."""
+    centre = np.array([(face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2])
+    near = [
+        found for found in analyzer.analyze(image)
+        if np.linalg.norm(np.array([(found.box[0] + found.box[2]) / 2, (found.box[1] + found.box[3]) / 2]) - centre)
+        < face.width / 2
+    ]
+    return float(near[0].embedding @ reference) if near else None
+
+
+def paste_back(
+    template: Image.Image, crop: np.ndarray, window: tuple[float, float, float], alpha: np.ndarray
+) -> Image.Image:
+    """The crop, scaled back to its window, blended into the template where `alpha` > 0 only."""
+    left, top, side = window
+    x0, y0 = max(0, int(np.floor(left))), max(0, int(np.floor(top)))  # float error can put them at -1e-13
+    x1, y1 = min(template.width, int(np.ceil(left + side))), min(template.height, int(np.ceil(top + side)))
+    # Affine map from template pixels (inside the integer box) to crop pixels.
+    scale = crop.shape[1] / side
+    to_crop = np.array([[scale, 0, (x0 - left) * scale], [0, scale, (y0 - top) * scale]], np.float32)
+    size = (x1 - x0, y1 - y0)
+    flags = cv2.INTER_AREA if scale > 1 else cv2.INTER_CUBIC
+    region = cv2.warpAffine(crop, to_crop, size, flags=flags | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+    region_alpha = cv2.warpAffine(alpha, to_crop, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+    out = np.asarray(template).copy()
+    out[y0:y1, x0:x1] = composite(out[y0:y1, x0:x1], region, region_alpha)
+    return Image.fromarray(out)
+
+
+# --------------------------------------------------------------------------- diffusion engine
+
+
+class GraphedForward:
+    """A module's forward replayed as CUDA graphs, one per input signature (shapes and constants).
+
+    The first WARMUP calls of a signature run eagerly (cuDNN autotuning, lazy initialisation), the
+    next captures; later calls copy their tensors into the graph's static
+    inputs and replay. Outputs are copies, so callers may keep them. If capture fails the module
+    stays eager for good. Install with `installed()`: the module's forward is replaced only inside.
+    """
+
+    WARMUP = 2
+
+    def __init__(self, module: torch.nn.Module, pool) -> None:
+        self.module = module
+        self.pool = pool
+        self.graphs: dict[tuple, tuple] = {}
+        self.calls: dict[tuple, int] = {}
+        self.failed = False
+        self.weights = self._weight_pointers()
+
+    def _weight_pointers(self) -> list[int]:
+        return [p.data_ptr() for p in self.module.parameters()]
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        # Graphs read weights at fixed addresses: if anything re-allocated them, capture anew.
+        pointers = self._weight_pointers()
+        if pointers != self.weights:
+            self.graphs.clear()
+            self.calls.clear()
+            self.weights = pointers
+        self.module.forward = self
+        try:
+            yield
+        finally:
+            del self.module.forward
+
+    def __call__(self, *args, **kwargs):
+        import torch
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        eager = type(self.module).forward.__get__(self.module)
+        if self.failed or torch.is_grad_enabled():
+            return eager(*args, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        key = (str(spec), *((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for v in leaves))
+        if key in self.graphs:
+            graph, static_leaves, static_out = self.graphs[key]
+            for static, value in zip(static_leaves, leaves):
+                if isinstance(static, torch.Tensor):
+                    static.copy_(value)
+            graph.replay()
+            outputs, out_spec = tree_flatten(static_out)
+            return tree_unflatten([t.clone() for t in outputs], out_spec)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.calls[key] <= self.WARMUP:
+            return eager(*args, **kwargs)
+        static_leaves = [v.clone() if isinstance(v, torch.Tensor) else v for v in leaves]
+        static_args, static_kwargs = tree_unflatten(static_leaves, spec)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_out = eager(*static_args, **static_kwargs)
+        except RuntimeError:
+            self.failed = True
+            return eager(*args, **kwargs)
+        self.graphs[key] = (graph, static_leaves, static_out)
+        return self(*args, **kwargs)
+
+
+@dataclass
+class DiffusionEngine:
+    """Both inpaint pipelines, built once from the resident components and shared by every portrait."""
+
+    pass1: object  # StableDiffusionControlNetInpaintPipeline with pass 1's ControlNets
+    pass2: object  # the same components with pass 2's ControlNets
+    graphed: list[GraphedForward] = field(default_factory=list)
+    lora: FusedLora | None = None  # the last persona's, kept for its next call
+
+    @classmethod
+    def from_models(cls, models: ModelSet, config: GenerateConfig = GenerateConfig()) -> DiffusionEngine:
+        import torch
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionControlNetInpaintPipeline
+
+        def pipeline(step: InpaintPass):
+            # DPM++ 2M SDE Karras, each pipeline its own scheduler (schedulers hold per-call state).
+            scheduler = DPMSolverMultistepScheduler.from_config(
+                models.scheduler.config, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True
+            )
+            pipe = StableDiffusionControlNetInpaintPipeline(
+                vae=models.vae,
+                text_encoder=models.text_encoder,
+                tokenizer=models.tokenizer,
+                unet=models.unet,
+                controlnet=[models.controlnet(kind) for kind, _ in step.controlnets],
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            return pipe
+
+        engine = cls(pipeline(config.pass1), pipeline(config.pass2))
+        if models.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            nets = {id(net): net for pipe in (engine.pass1, engine.pass2) for net in pipe.controlnet.nets}
+            for module in (models.unet, models.vae, *nets.values()):
+                module.to(memory_format=torch.channels_last)
+            if config.cuda_graphs:
+                pool = torch.cuda.graph_pool_handle()
+                engine.graphed = [GraphedForward(m, pool) for m in (models.unet, *nets.values())]
+        return engine
+
+    @property
+    def device(self) -> torch.device:
+        return self.pass1.unet.device
+
+    @contextmanager
+    def session(self, lora: Path | None, scale: float) -> Iterator[None]:
+        """The persona's LoRA fused in place and the CUDA graphs installed, for one render call."""
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            if lora is not None:
+                if self.lora is None or self.lora.key != (str(lora.resolve()), scale):
+                    self.lora = None  # free the last persona's copies first
+                    self.lora = fuse_lora(self.pass1, lora, scale)
+                stack.enter_context(self.lora.applied())
+            for graphed in self.graphed:
+                stack.enter_context(graphed.installed())
+            yield
+
+    def encode_prompt(self, prompt: str, negative_prompt: str, count: int):
+        """(prompt, negative) embeddings for `count` images, computed once for both passes."""
+        import torch
+
+        with torch.no_grad():
+            positive, negative = self.pass1.encode_prompt(prompt, self.device, 1, True, negative_prompt)
+        return positive.repeat(count, 1, 1), negative.repeat(count, 1, 1)
+
+
+@dataclass
+class FusedLora:
+    """A persona LoRA fused at its scale: the touched layers with their original and fused weights.
+
+    Computed once per persona through diffusers (load, fuse, unload), then swapped in and out of the
+    resident models by in-place copies: a render call leaves the models exactly as it found them,
+    and a second call for the same persona costs two memory copies instead of a LoRA load.
+    """
+
+    key: tuple[str, float]
+    layers: list
+    original: list
+    fused: list
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        import torch
+
+        with torch.no_grad():
+            for layer, weight in zip(self.layers, self.fused):
+                layer.weight.copy_(weight)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for layer, weight in zip(self.layers, self.original):
+                    layer.weight.copy_(weight)
+
+
+def fuse_lora(pipe, path: Path, scale: float) -> FusedLora:
+    """Fuses a LoRA file into the pipeline's UNet and text encoder at `scale` and records the fused
+    weights; the models are back to their original weights on return."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    pipe.load_lora_weights(path.parent, weight_name=path.name, adapter_name="persona")
+    try:
+        layers = [
+            module.get_base_layer()
+            for model in (pipe.unet, pipe.text_encoder)
+            for module in model.modules()
+            if isinstance(module, BaseTunerLayer)
+        ]
+        original = [layer.weight.detach().clone() for layer in layers]
+        pipe.fuse_lora(lora_scale=scale, adapter_names=["persona"])
+        fused = [layer.weight.detach().clone() for layer in layers]
+    finally:
+        pipe.unload_lora_weights()
+    with torch.no_grad():
+        for layer, weight in zip(layers, original):
+            layer.weight.copy_(weight)
+    return FusedLora((str(path.resolve()), scale), layers, original, fused)
+
+
+def inpaint(
+    pipe,
+    step: InpaintPass,
+    images: list[np.ndarray],
+    masks: list[np.ndarray],
+    controls: dict[str, list[np.ndarray]],
+    embeds: tuple,
+    config: GenerateConfig,
+    report: Callable[[float], None],
+    cancel: CancelToken,
+) -> list[np.ndarray]:
+    """One diffusers pipeline call over the whole batch; returns uint8 RGB images."""
+    import torch
+
+    def on_step(_pipe, index: int, _timestep, tensors: dict) -> dict:
+        cancel.raise_if_cancelled()
+        report((index + 1) / max(1, int(step.steps * step.strength)))
+        return tensors
+
+    size = images[0].shape[0]
+    generators = [torch.Generator(pipe.unet.device).manual_seed(config.seed + i) for i in range(len(images))]
+    with torch.no_grad():
+        out = pipe(
+            prompt_embeds=embeds[0],
+            negative_prompt_embeds=embeds[1],
+            image=[Image.fromarray(i) for i in images],
+            mask_image=[Image.fromarray(m) for m in masks],
+            # One (batch, H, W, 3) array per ControlNet: diffusers refuses nested lists of images.
+            control_image=[np.stack(controls[kind]).astype(np.float32) / 255.0 for kind, _ in step.controlnets],
+            controlnet_conditioning_scale=[scale for _, scale in step.controlnets],
+            height=size,
+            width=size,
+            strength=step.strength,
+            num_inference_steps=step.steps,
+            guidance_scale=config.guidance_scale,
+            generator=generators,
+            output_type="np",
+            callback_on_step_end=on_step,
+        ).images
+    return [np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8) for image in out]
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    crop: np.ndarray
+    masks: dict[str, np.ndarray]  # keys: face, paste, and for diffusion inpaint, edge
+
+
+def _classic(crop: TemplateCrop, persona: Persona, config: GenerateConfig) -> _Rendered:
+    shape = face_shape(crop.face, (config.crop_size, config.crop_size))
+    fused = fuse_face(
+        crop.image, crop.face, shape, persona.reference, persona.reference_keypoints, config.classic_fusion_ratio
+    )
+    paste = cv2.dilate(shape, _disk(config.dilate_fraction * crop.face.width))
+    return _Rendered(fused, {"face": shape, "paste": paste})
+
+
+def _diffusion(
+    engine: DiffusionEngine,
+    crops: list[TemplateCrop],
+    persona: Persona,
+    pose_face: Face,
+    config: GenerateConfig,
+    progress: ProgressCallback,
+    cancel: CancelToken,
+) -> list[_Rendered]:
+    size = (config.crop_size, config.crop_size)
+    shapes = [face_shape(c.face, size) for c in crops]
+    first = [
+        fuse_face(c.image, c.face, s, persona.reference, persona.reference_keypoints, config.fusion_ratio)
+        for c, s in zip(crops, shapes)
+    ]
+    controls = {
+        "canny": [canny_control(f, config) for f in first],
+        "color": [color_control(f, config) for f in first],
+        "openpose": [pose_control(pasted_landmarks(pose_face, c.face), size) for c in crops],
+    }
+    masks1 = [inpaint_mask(c.face, s, config) for c, s in zip(crops, shapes)]
+    embeds = engine.encode_prompt(f"{persona.caption}, {config.prompt}", config.negative_prompt, len(crops))
+    cancel.raise_if_cancelled()
+    generated = inpaint(
+        engine.pass1, config.pass1, first, masks1, controls, embeds, config,
+        lambda f: progress(Progress("pass 1", min(f, 1.0))), cancel,
+    )
+    second = []
+    for crop, shape, fused, mask, image in zip(crops, shapes, first, masks1, generated):
+        toned = color_transfer(image, crop.image, mask, mask)
+        passed = composite(fused, toned, feathered(mask, crop.face, config))
+        second.append(
+            fuse_face(passed, crop.face, shape, persona.reference, persona.reference_keypoints, config.fusion_ratio)
+        )
+    masks2 = [edge_mask(c.face, s, config) for c, s in zip(crops, shapes)]
+    controls = {"canny": [canny_control(s, config) for s in second], "tile": second}
+    cancel.raise_if_cancelled()
+    refined = inpaint(
+        engine.pass2, config.pass2, second, masks2, controls, embeds, config,
+        lambda f: progress(Progress("pass 2", min(f, 1.0))), cancel,
+    )
+    return [
+        _Rendered(
+            composite(s, r, feathered(m2, c.face, config)), {"face": shape, "paste": m1, "inpaint": m1, "edge": m2}
+        )
+        for c, shape, s, r, m1, m2 in zip(crops, shapes, second, refined, masks1, masks2)
+    ]
+
+
+def render_portraits(
+    persona: Persona,
+    templates: Sequence[TemplateFaces],
+    analyzer: FaceAnalyzer,
+    config: GenerateConfig = GenerateConfig(),
+    engine: DiffusionEngine | None = None,
+    lora: str | Path | None = None,
+    retouch: ImageHook = no_restoration,
+    upscale: ImageHook = no_restoration,
+    progress: ProgressCallback = ignore_progress,
+    cancel: CancelToken | None = None,
+) -> list[PortraitResult]:
+    """Renders the persona into every template: classic without `engine`, else the two diffusion
+    passes with the persona's LoRA (`lora`; None renders without one), all templates in one batch."""
+    cancel = cancel or CancelToken()
+    crops = [crop_template(t, config) for t in templates]
+    progress(Progress("preparing", 0.0, f"{len(crops)} template(s)"))
+    if engine is None:
+        rendered = []
+        for index, crop in enumerate(crops):
+            cancel.raise_if_cancelled()
+            rendered.append(_classic(crop, persona, config))
+            progress(Progress("fusing", (index + 1) / len(crops)))
+    else:
+        # The pose comes from the best validation face; where no face is found in it (a poorly
+        # trained double), the reference photo, which always has one, stands in.
+        pose_faces = analyzer.analyze(Image.open(persona.best_face_path).convert("RGB")) or analyzer.analyze(
+            persona.reference
+        )
+        if not pose_faces:
+            raise ValueError(f"no face found in {persona.best_face_path} nor in the reference photo")
+        with engine.session(Path(lora) if lora else None, config.lora_scale):
+            rendered = _diffusion(engine, crops, persona, pose_faces[0], config, progress, cancel)
+    results = []
+    for index, (template, crop, done) in enumerate(zip(templates, crops, rendered)):
+        cancel.raise_if_cancelled()
+        face_crop = retouch(Image.fromarray(done.crop))
+        alpha = feathered(done.masks["paste"], crop.face, config)
+        image = upscale(paste_back(template.image, np.asarray(face_crop), crop.window, alpha))
+        results.append(
+            PortraitResult(
+                image=image,
+                identity_score=identity_score(face_crop, crop.face, persona.embedding, analyzer),
+                engine="classic" if engine is None else "diffusion",
+                crop=face_crop,
+                window=crop.window,
+                masks=PortraitMasks(**{k: Image.fromarray(v) for k, v in done.masks.items()}),
+            )
+        )
+        progress(Progress("finishing", (index + 1) / len(crops)))
+    return results
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("persona", type=Path, help="persona folder (preprocess output, plus training's files)")
+    parser.add_argument("template", type=Path, help="template image")
+    parser.add_argument("--out", type=Path, required=True, help="portrait file to write (PNG)")
+    parser.add_argument("--engine", choices=("classic", "diffusion"), help="default: diffusion when --models is given")
+    parser.add_argument("--models", type=Path, help="diffusion model folder (see pipeline.models)")
+    parser.add_argument("--lora", type=Path, help="default: PERSONA/persona_lora.safetensors")
+    parser.add_argument("--backend", choices=("dlib", "insightface"), default="dlib")
+    parser.add_argument("--face-models", type=Path, help="face model folder (required for insightface)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    engine_name = args.engine or ("diffusion" if args.models else "classic")
+    if engine_name == "diffusion" and args.models is None:
+        raise ValueError("the diffusion engine needs --models")
+    analyzer = load_face_analyzer(args.backend, args.face_models)
+    persona = load_persona(args.persona, analyzer)
+    image = load_photo(args.template.read_bytes()) if args.template.is_file() else None
+    if image is None:
+        raise FileNotFoundError(f"template image not found or unreadable: {args.template}")
+    template = analyse_template(image, analyzer)
+    started = time.perf_counter()
+    engine = lora = None
+    if engine_name == "diffusion":
+        from pipeline.models import load_models
+
+        engine = DiffusionEngine.from_models(load_models(args.models, args.device))
+        lora = args.lora or args.persona / "persona_lora.safetensors"
+    (result,) = render_portraits(persona, [template], analyzer, engine=engine, lora=lora)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(args.out)
+    return {
+        "out": str(args.out),
+        "engine": result.engine,
+        "identity_score": None if result.identity_score is None else round(result.identity_score, 4),
+        "template_faces": template.boxes,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
