@@ -82,6 +82,9 @@ DATABASES = {
         conn_max_age=0,  # ASGI: a persistent connection would outlive its thread.
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # A file, not memory: tests start real worker processes that share the test database.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTHENTICATION_BACKENDS = [
@@ -180,6 +183,18 @@ RQ_QUEUES = {
     "default": {"URL": REDIS_URL, "DEFAULT_TIMEOUT": DEFAULT_JOB_TIMEOUT_S},
 }
 RQ_SHOW_ADMIN_LINK = True
+# A worker that does not fork: models stay loaded between jobs, and CUDA never meets fork().
+RQ = {"WORKER_CLASS": "studio.worker.StudioWorker"}
+# A running job reports progress (its heartbeat) at least this often, or it is taken as lost.
+JOB_HEARTBEAT_TIMEOUT_S = env_int("JOB_HEARTBEAT_TIMEOUT_S", 150, minimum=5)
+# "diffusion" when the models in MODEL_DIR are all present, else "classic"; or force one.
+PORTRAIT_ENGINE = env_str("PORTRAIT_ENGINE", "auto")
+MODEL_DIR = Path(env_str("MODEL_DIR", str(DATA_DIR / "models")))
+# Training length (EasyPhoto: min(photos x 200, 800) steps, a checkpoint every 100) and the
+# portrait crop size; lower them only to try things out quickly.
+TRAIN_MAX_STEPS = env_int("TRAIN_MAX_STEPS", 800, minimum=1)
+TRAIN_CHECKPOINT_EVERY = env_int("TRAIN_CHECKPOINT_EVERY", 100, minimum=1)
+PORTRAIT_SIZE = env_int("PORTRAIT_SIZE", 512, minimum=64)
 
 _EMAIL_HOST = env_str("EMAIL_HOST", "")
 if _EMAIL_HOST:

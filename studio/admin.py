@@ -1,5 +1,7 @@
 from django.contrib import admin
 
+from studio import services
+from studio.forms import TemplateForm
 from studio.models import FaceConsent, Job, Persona, Photo, Portrait, Template
 
 
@@ -21,10 +23,19 @@ class PhotoAdmin(admin.ModelAdmin):
 
 @admin.register(Template)
 class TemplateAdmin(admin.ModelAdmin):
+    """Uses the staff page's form, so faces are checked and the image re-encoded here too."""
+
+    form = TemplateForm
     list_display = ["title", "tags", "published", "uploaded_by", "created"]
     list_filter = ["published"]
     search_fields = ["title", "tags"]
-    raw_id_fields = ["uploaded_by"]
+    readonly_fields = ["face_boxes", "uploaded_by"]
+
+    def save_model(self, request, obj, form, change) -> None:
+        if "image" in form.changed_data:
+            services.add_template(form, uploaded_by=request.user)
+        else:
+            super().save_model(request, obj, form, change)
 
 
 @admin.register(Job)

@@ -2,9 +2,11 @@ from django import forms
 from django.contrib.auth.forms import UserCreationForm
 from django.contrib.auth.models import User
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import ngettext
+from django.utils.translation import gettext, ngettext
 
-from studio.models import Persona
+from pipeline.generate import TemplateRefused
+from studio.models import Persona, Template
+from studio.uploads import RefusedFile, clean_photo
 
 
 class SignupForm(UserCreationForm):
@@ -76,3 +78,33 @@ class FaceConsentForm(forms.Form):
         label=_("I agree that Photobooth processes my face to build my digital double."),
         error_messages={"required": _("Please tick the box to agree, or leave this page.")},
     )
+
+
+class TemplateForm(forms.ModelForm):
+    """Staff upload of a portrait template: the image is re-encoded and must show a usable face."""
+
+    class Meta:
+        model = Template
+        fields = ["title", "image", "prompt", "negative_prompt", "tags", "published"]
+
+    def clean_image(self):
+        from studio import services  # services imports this module's models; import when used
+
+        upload = self.cleaned_data["image"]
+        try:
+            self.cleaned_jpeg = clean_photo(upload)
+        except RefusedFile as refused:
+            raise forms.ValidationError(refused.message) from None
+        try:
+            self.face_boxes = services.template_face_boxes(self.cleaned_jpeg)
+        except TemplateRefused as refused:
+            raise forms.ValidationError(gettext(str(refused))) from None
+        return upload
+
+
+class DeleteDataForm(forms.Form):
+    confirm = forms.BooleanField(
+        label=_("I understand that my photos, digital doubles and portraits are deleted for good."),
+        error_messages={"required": _("Tick the box to confirm.")},
+    )
+    delete_account = forms.BooleanField(label=_("Delete my account too."), required=False)

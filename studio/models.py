@@ -186,6 +186,9 @@ class Job(PersonaPart):
     stage = models.CharField(_("stage"), max_length=40, blank=True)
     progress = models.FloatField(_("progress"), default=0.0)
     rq_job_id = models.CharField(_("RQ job id"), max_length=64, blank=True)
+    cancel_requested = models.BooleanField(_("cancel requested"), default=False)
+    # Written with every progress report; a running job whose heartbeat stops has lost its worker.
+    heartbeat = models.DateTimeField(_("heartbeat"), null=True, blank=True)
     started = models.DateTimeField(_("started"), null=True, blank=True)
     finished = models.DateTimeField(_("finished"), null=True, blank=True)
     error_for_person = models.TextField(_("error shown to the person"), blank=True)
@@ -215,6 +218,7 @@ class Portrait(PersonaPart):
     template = models.ForeignKey(Template, on_delete=models.SET_NULL, null=True, blank=True, verbose_name=_("template"))
     job = models.ForeignKey(Job, on_delete=models.SET_NULL, null=True, blank=True, verbose_name=_("job"))
     image = models.ImageField(_("image"), upload_to=upload_portrait)
+    thumbnail = models.ImageField(_("thumbnail"), upload_to=upload_portrait, blank=True)
     identity_similarity = models.FloatField(_("identity similarity"), null=True, blank=True)
 
     class Meta:

@@ -3,28 +3,40 @@
 from __future__ import annotations
 
 import functools
+import io
 import os
 import shutil
 import tempfile
 import uuid
+import zipfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import django_rq
 from asgiref.sync import async_to_sync
+from axes.models import AccessAttempt, AccessLog
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files import File
 from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.template.loader import render_to_string
+from django.utils import timezone
+from django.utils.translation import gettext as _
+from PIL import Image
 from rq.job import Job as RQJob
 
-from pipeline.faces import FaceAnalyzer, load_face_analyzer
+from pipeline.common import CancelToken, ProgressCallback, gettext_noop
+from pipeline.faces import FaceAnalyzer, largest_face_embeddings, load_face_analyzer
+from pipeline.generate import DiffusionEngine, analyse_template
+from pipeline.models import check_models, load_models
+from pipeline.train import TrainConfig, ValidationTemplate, read_preprocessed, train_persona
 from pipeline.preprocess import PreprocessResult, preprocess, write_preprocessed
-from studio.models import FaceConsent, Job, Persona, Photo
+from studio.models import FaceConsent, Job, Persona, Photo, Portrait, Template, owner_folder
 from studio.uploads import Refusal, RefusedFile, clean_photo
 
 
@@ -48,8 +60,7 @@ def render_jobs_panel(owner: AbstractBaseUser) -> str:
 
 def publish_job(job: Job) -> None:
     """Sends the job's current state to its owner's open pages as an htmx OOB fragment."""
-    html = render_to_string("studio/_job.html", {"job": job, "oob": True})
-    async_to_sync(get_channel_layer().group_send)(user_group(job.owner_id), {"type": "job.update", "html": html})
+    _send(job.owner_id, render_to_string("studio/_job.html", {"job": job, "oob": True}))
 
 
 def enqueue(queue_name: str, func: Callable[..., Any] | str, *args: Any, job_id: str | None = None) -> RQJob:
@@ -139,3 +150,289 @@ def delete_photo(photo: Photo) -> None:
         analyse_persona(persona)
     elif persona.preprocessed:
         persona.preprocessed.delete(save=True)
+
+
+# --- Jobs: requests, fair dispatch, cancel, recovery -------------------------------------
+
+JOB_FUNCTIONS = {Job.Kind.TRAIN: "studio.jobs.build_double", Job.Kind.GENERATE: "studio.jobs.make_portraits"}
+RETRYABLE_PERSONA = (Persona.Status.DRAFT, Persona.Status.FAILED, Persona.Status.CANCELLED)
+
+
+class NotAllowed(Exception):
+    """An action the person cannot take now; the message says why, in their words."""
+
+
+def _send(owner_id: int, html: str) -> None:
+    async_to_sync(get_channel_layer().group_send)(user_group(owner_id), {"type": "job.update", "html": html})
+
+
+def publish_persona(persona: Persona) -> None:
+    _send(persona.owner_id, render_to_string("studio/_persona_status.html", {"persona": persona, "oob": True}))
+
+
+def set_persona_status(persona: Persona, status: str) -> None:
+    persona.status = status
+    persona.save(update_fields=["status"])
+    publish_persona(persona)
+
+
+def reset_persona_after_stop(job: Job, status: str) -> None:
+    """A stopped build leaves the double in a state the person can retry from."""
+    if job.kind == Job.Kind.TRAIN:
+        set_persona_status(job.persona, status)
+
+
+def request_training(persona: Persona) -> Job:
+    if persona.status not in RETRYABLE_PERSONA:
+        raise NotAllowed(_("This double is already being built or is ready."))
+    accepted = persona.photos.filter(status=Photo.Status.ACCEPTED).count()
+    if accepted < settings.PHOTOS_NEEDED or not persona.preprocessed:
+        raise NotAllowed(_("Add at least %(count)d good photos first.") % {"count": settings.PHOTOS_NEEDED})
+    with transaction.atomic():
+        job = Job.objects.create(persona=persona, kind=Job.Kind.TRAIN)
+        persona.status = Persona.Status.QUEUED
+        persona.save(update_fields=["status"])
+        transaction.on_commit(dispatch_waiting_jobs)
+    return job
+
+
+def request_portraits(persona: Persona, templates: list[Template]) -> Job:
+    if persona.status != Persona.Status.READY:
+        raise NotAllowed(_("This double is not ready yet."))
+    if not templates:
+        raise NotAllowed(_("Pick at least one template."))
+    with transaction.atomic():
+        job = Job.objects.create(persona=persona, kind=Job.Kind.GENERATE)
+        job.templates.set(templates)
+        transaction.on_commit(dispatch_waiting_jobs)
+    return job
+
+
+def dispatch_waiting_jobs() -> None:
+    """Puts each person's oldest waiting job on the gpu queue, one job per person at a time.
+
+    So one person's ten jobs do not hold back another person's first: the others wait in the
+    database and join the back of the queue as that person's previous job ends.
+    """
+    connection = django_rq.get_connection("gpu")
+    with connection.lock("photobooth:dispatch", timeout=30, blocking_timeout=30):
+        busy = set(
+            Job.objects.filter(status__in=Job.ACTIVE).exclude(rq_job_id="").values_list("owner_id", flat=True)
+        )
+        waiting = Job.objects.filter(status=Job.Status.QUEUED, rq_job_id="").order_by("created", "id")
+        for job in waiting:
+            if job.owner_id in busy:
+                continue
+            busy.add(job.owner_id)
+            job.rq_job_id = f"photobooth-job-{job.id}-{uuid.uuid4().hex[:8]}"
+            job.save(update_fields=["rq_job_id"])
+            enqueue("gpu", JOB_FUNCTIONS[job.kind], job.id, job_id=job.rq_job_id)
+
+
+def cancel_job(job: Job) -> None:
+    """A waiting job is removed at once; a running one stops at its next progress report."""
+    if not job.is_active:
+        return
+    if job.status == Job.Status.QUEUED:
+        if job.rq_job_id:
+            rq_job = django_rq.get_queue("gpu").fetch_job(job.rq_job_id)
+            if rq_job is not None:
+                rq_job.cancel()
+        job.status, job.finished = Job.Status.CANCELLED, timezone.now()
+        job.save(update_fields=["status", "finished"])
+        reset_persona_after_stop(job, Persona.Status.CANCELLED)
+        publish_job(job)
+        dispatch_waiting_jobs()
+    else:
+        job.cancel_requested = True
+        job.save(update_fields=["cancel_requested"])
+
+
+def recover_abandoned_jobs() -> int:
+    """Fails running jobs whose worker stopped sending heartbeats (killed, machine lost)."""
+    limit = timezone.now() - timedelta(seconds=settings.JOB_HEARTBEAT_TIMEOUT_S)
+    abandoned = list(Job.objects.filter(status=Job.Status.RUNNING, heartbeat__lt=limit).select_related("persona"))
+    for job in abandoned:
+        job.status, job.finished = Job.Status.FAILED, timezone.now()
+        job.error_for_person = WORKER_LOST
+        job.error_detail = f"No heartbeat since {job.heartbeat.isoformat()}; the worker was lost."
+        job.save(update_fields=["status", "finished", "error_for_person", "error_detail"])
+        reset_persona_after_stop(job, Persona.Status.FAILED)
+        publish_job(job)
+    if abandoned:
+        dispatch_waiting_jobs()
+    return len(abandoned)
+
+
+WORKER_LOST = gettext_noop("The machine working on this stopped. Please try again.")
+
+
+def queue_position(job: Job) -> int | None:
+    """How many jobs are ahead of this one on the gpu queue (None once it runs)."""
+    if job.status != Job.Status.QUEUED:
+        return None
+    ahead = Job.objects.filter(status__in=Job.ACTIVE).exclude(rq_job_id="").filter(created__lt=job.created).count()
+    return ahead
+
+
+def estimated_seconds(job: Job) -> float | None:
+    """From the durations of the last ten finished jobs of the same kind."""
+    recent = Job.objects.filter(kind=job.kind, status=Job.Status.SUCCEEDED, started__isnull=False).order_by("-finished")[:10]
+    durations = [(done.finished - done.started).total_seconds() for done in recent]
+    if not durations:
+        return None
+    typical = sum(durations) / len(durations)
+    position = queue_position(job)
+    if position is None:
+        return max(0.0, typical * (1.0 - job.progress))
+    return typical * (position + 1)
+
+
+# --- Templates and albums ----------------------------------------------------------------
+
+TEMPLATE_THUMBNAIL_PX = 384
+
+
+def template_face_boxes(jpeg: bytes) -> list[list[float]]:
+    """Face boxes of a template image, largest first; TemplateRefused says why none is usable."""
+    return analyse_template(Image.open(io.BytesIO(jpeg)), face_analyzer()).boxes
+
+
+def thumbnail_jpeg(data: bytes, size: int = TEMPLATE_THUMBNAIL_PX) -> bytes:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def add_template(form, uploaded_by: AbstractBaseUser) -> Template:
+    """Saves a valid TemplateForm: the re-encoded image, its face boxes and a thumbnail."""
+    template = form.save(commit=False)
+    _store_template(template, form.cleaned_jpeg, form.face_boxes, uploaded_by)
+    return template
+
+
+def create_template(title: str, tags: str, jpeg: bytes, uploaded_by: AbstractBaseUser) -> Template:
+    """A published template from an image already known to be clean (the shipped demo ones)."""
+    template = Template(title=title, tags=tags, published=True)
+    _store_template(template, jpeg, template_face_boxes(jpeg), uploaded_by)
+    return template
+
+
+def _store_template(template: Template, jpeg: bytes, face_boxes: list, uploaded_by: AbstractBaseUser) -> None:
+    template.uploaded_by = uploaded_by
+    template.face_boxes = face_boxes
+    template.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=False)
+    template.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail_jpeg(jpeg)), save=False)
+    template.save()
+
+
+def album_archive(persona: Persona) -> io.BytesIO:
+    """A zip of exactly this persona's portraits, built in memory."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for portrait in persona.portraits.all():
+            with portrait.image.open("rb") as image:
+                archive.writestr(f"portrait-{portrait.id}{Path(portrait.image.name).suffix}", image.read())
+    buffer.seek(0)
+    return buffer
+
+
+def delete_all_data(owner: AbstractBaseUser, delete_account: bool) -> None:
+    """Cancels the person's jobs, removes their queue entries, rows and files; optionally the account.
+
+    Row deletes remove their files (studio.signals); the person's media folder is then
+    removed whole, so nothing of theirs stays on disk.
+    """
+    folder = owner_folder(owner.pk)  # before owner.delete() clears the pk
+    queue = django_rq.get_queue("gpu")
+    for job in Job.objects.filter(owner=owner):
+        if job.rq_job_id:
+            rq_job = queue.fetch_job(job.rq_job_id)
+            if rq_job is not None and rq_job.get_status(refresh=False) != "started":
+                rq_job.delete()
+    with transaction.atomic():
+        Persona.objects.filter(owner=owner).delete()  # photos, jobs, portraits cascade
+        FaceConsent.objects.filter(owner=owner).delete()
+        if delete_account:
+            AccessAttempt.objects.filter(username=owner.get_username()).delete()
+            AccessLog.objects.filter(username=owner.get_username()).delete()
+            owner.delete()
+    _delete_folder(folder)
+
+
+def _delete_folder(folder: str) -> None:
+    """Removes a storage folder and all below it (object stores have no folders to remove)."""
+    try:
+        shutil.rmtree(default_storage.path(folder), ignore_errors=True)
+    except NotImplementedError:
+        directories, files = default_storage.listdir(folder)
+        for name in files:
+            default_storage.delete(f"{folder}/{name}")
+        for directory in directories:
+            _delete_folder(f"{folder}/{directory}")
+
+
+# --- Engines: what builds doubles and renders portraits on this worker -------------------
+
+DEMO_TEMPLATES = Path(__file__).resolve().parent / "demo"
+
+
+def diffusion_engine_or_classic() -> str:
+    """"diffusion" when forced or when every model in MODEL_DIR is present, else "classic"."""
+    if settings.PORTRAIT_ENGINE in ("classic", "diffusion"):
+        return settings.PORTRAIT_ENGINE
+    statuses = check_models(settings.MODEL_DIR, verify=False)
+    return "diffusion" if statuses and all(status.ready for status in statuses) else "classic"
+
+
+@functools.cache
+def diffusion_engine() -> DiffusionEngine:
+    """The resident diffusion models of this worker process (loaded on first use)."""
+    return DiffusionEngine.from_models(load_models(settings.MODEL_DIR))
+
+
+@functools.cache
+def validation_templates() -> tuple[ValidationTemplate, ...]:
+    """The built-in validation templates: the demo portraits and their largest faces."""
+    templates = []
+    for path in sorted(DEMO_TEMPLATES.glob("*.jpg")):
+        image = Image.open(path).convert("RGB")
+        face = analyse_template(image, face_analyzer()).face
+        templates.append(ValidationTemplate(image, tuple(int(v) for v in face.box)))
+    return tuple(templates)
+
+
+def train_double(folder: Path, progress: ProgressCallback, cancel: CancelToken) -> tuple[dict[str, Path], float]:
+    """Trains the persona LoRA from an unpacked preprocessed folder; returns files and score."""
+    photos, caption = read_preprocessed(folder)
+    result = train_persona(
+        load_models(settings.MODEL_DIR), photos, folder / "training",
+        functools.partial(largest_face_embeddings, face_analyzer()), list(validation_templates()),
+        TrainConfig(caption=caption, max_steps=settings.TRAIN_MAX_STEPS, checkpoint_every=settings.TRAIN_CHECKPOINT_EVERY),
+        progress=progress, cancel=cancel,
+    )
+    outputs = {
+        "lora_file": result.lora_path,
+        "best_face": result.best_face_path,
+        "reference_face": folder / "reference.png",
+    }
+    return outputs, result.best_score
+
+
+def save_portrait(job: Job, template: Template, image: Image.Image, identity: float | None) -> Portrait:
+    """Stores a finished portrait and its thumbnail; a new row, so reruns never overwrite."""
+    out = io.BytesIO()
+    image.convert("RGB").save(out, "JPEG", quality=92)
+    portrait = Portrait(persona=job.persona, template=template, job=job, identity_similarity=identity)
+    portrait.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(out.getvalue()), save=False)
+    portrait.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail_jpeg(out.getvalue())), save=False)
+    portrait.save()
+    return portrait
+
+
+def publish_portrait(portrait: Portrait) -> None:
+    """Adds the new portrait to the owner's open album page."""
+    html = render_to_string("studio/_portrait_new.html", {"portrait": portrait})
+    _send(portrait.owner_id, html)

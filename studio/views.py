@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import mimetypes
 import posixpath
+from pathlib import Path
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth import login
+from django.contrib.auth import login, logout
 from django.contrib.auth.decorators import login_required
 from django.core.files.storage import default_storage
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
@@ -17,8 +18,8 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from studio import health, services
-from studio.forms import FaceConsentForm, PersonaForm, PhotoUploadForm, SignupForm
-from studio.models import Persona, Photo, owner_folder
+from studio.forms import DeleteDataForm, FaceConsentForm, PersonaForm, PhotoUploadForm, SignupForm, TemplateForm
+from studio.models import Job, Persona, Photo, Portrait, Template, owner_folder
 
 
 def home(request: HttpRequest) -> HttpResponse:
@@ -33,7 +34,7 @@ def home(request: HttpRequest) -> HttpResponse:
 def signup(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
         return redirect("home")
-    form = SignupForm(request.POST or None)
+    form = SignupForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
@@ -73,6 +74,7 @@ def _persona_page(request: HttpRequest, persona: Persona, **context) -> HttpResp
         "has_consent": services.has_face_consent(request.user),
         "upload_form": PhotoUploadForm(room=settings.PHOTOS_PER_PERSONA - len(photos)),
         "consent_form": FaceConsentForm(),
+        "jobs": services.active_jobs(request.user),
         **context,
     }
     template = "studio/_photos.html" if request.htmx else "studio/persona.html"
@@ -154,3 +156,142 @@ def healthz(request: HttpRequest) -> JsonResponse:
     }
     healthy = all(check["ok"] for check in checks.values())
     return JsonResponse({"ok": healthy, **checks}, status=200 if healthy else 503)
+
+
+@login_required
+@require_POST
+def persona_build(request: HttpRequest, persona_id: int) -> HttpResponse:
+    persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
+    persona.keep_photos = request.POST.get("keep_photos") == "on"
+    persona.save(update_fields=["keep_photos"])
+    try:
+        services.request_training(persona)
+    except services.NotAllowed as refusal:
+        messages.error(request, str(refusal))
+    return redirect("persona", persona_id=persona.id)
+
+
+@login_required
+@require_POST
+def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
+    job = get_object_or_404(Job, id=job_id, owner=request.user)
+    services.cancel_job(job)
+    job.refresh_from_db()
+    if request.htmx:
+        return render(request, "studio/_job.html", {"job": job})
+    return redirect(request.POST.get("next") or "home")
+
+
+@login_required
+@require_GET
+def jobs_panel(request: HttpRequest) -> HttpResponse:
+    """The jobs panel alone: what pages poll while their websocket is down."""
+    return render(request, "studio/_jobs.html", {"jobs": services.active_jobs(request.user)})
+
+
+@login_required
+@require_GET
+def gallery(request: HttpRequest) -> HttpResponse:
+    tag = request.GET.get("tag", "").strip()
+    templates = Template.objects.filter(published=True)
+    if tag:
+        templates = templates.filter(tags__icontains=tag)
+    context = {
+        "templates": templates,
+        "tag": tag,
+        "tags": sorted({t for template in Template.objects.filter(published=True) for t in template.tag_list}),
+        "personas": Persona.objects.filter(owner=request.user, status=Persona.Status.READY),
+    }
+    return render(request, "studio/gallery.html", context)
+
+
+@login_required
+@require_POST
+def portraits_request(request: HttpRequest) -> HttpResponse:
+    persona = get_object_or_404(Persona, id=request.POST.get("persona") or 0, owner=request.user)
+    ids = [int(value) for value in request.POST.getlist("templates") if value.isdigit()]
+    templates = list(Template.objects.filter(published=True, id__in=ids))
+    try:
+        services.request_portraits(persona, templates)
+    except services.NotAllowed as refusal:
+        messages.error(request, str(refusal))
+        return redirect("gallery")
+    messages.success(request, _("Your portraits are on their way. They appear in your album as they are ready."))
+    return redirect("album")
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def template_new(request: HttpRequest) -> HttpResponse:
+    if not request.user.is_staff:
+        raise Http404
+    form = TemplateForm(*([request.POST, request.FILES] if request.method == "POST" else []))
+    if request.method == "POST" and form.is_valid():
+        template = services.add_template(form, uploaded_by=request.user)
+        messages.success(request, _("Template “%(title)s” added.") % {"title": template.title})
+        return redirect("gallery")
+    return render(request, "studio/template_form.html", {"form": form}, status=400 if form.errors else 200)
+
+
+@login_required
+@require_GET
+def album(request: HttpRequest) -> HttpResponse:
+    personas = Persona.objects.filter(owner=request.user).prefetch_related("portraits__template")
+    groups = [(persona, list(persona.portraits.all())) for persona in personas]
+    context = {"groups": [(p, ps) for p, ps in groups if ps], "jobs": services.active_jobs(request.user)}
+    return render(request, "studio/album.html", context)
+
+
+@login_required
+@require_GET
+def portrait_detail(request: HttpRequest, portrait_id: int) -> HttpResponse:
+    portrait = get_object_or_404(Portrait, id=portrait_id, owner=request.user)
+    return render(request, "studio/portrait.html", {"portrait": portrait})
+
+
+@login_required
+@require_GET
+def portrait_download(request: HttpRequest, portrait_id: int) -> FileResponse:
+    portrait = get_object_or_404(Portrait, id=portrait_id, owner=request.user)
+    name = f"portrait-{portrait.id}{Path(portrait.image.name).suffix}"
+    return FileResponse(portrait.image.open("rb"), as_attachment=True, filename=name)
+
+
+@login_required
+@require_GET
+def album_zip(request: HttpRequest, persona_id: int) -> FileResponse:
+    persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
+    archive = services.album_archive(persona)
+    return FileResponse(archive, as_attachment=True, filename=f"portraits-{persona.id}.zip")
+
+
+@login_required
+@require_POST
+def portrait_delete(request: HttpRequest, portrait_id: int) -> HttpResponse:
+    get_object_or_404(Portrait, id=portrait_id, owner=request.user).delete()
+    return redirect("album")
+
+
+@login_required
+@require_POST
+def album_delete(request: HttpRequest, persona_id: int) -> HttpResponse:
+    persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
+    for portrait in persona.portraits.all():
+        portrait.delete()
+    return redirect("album")
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def delete_data(request: HttpRequest) -> HttpResponse:
+    form = DeleteDataForm(request.POST if request.method == "POST" else None)
+    if request.method == "POST" and form.is_valid():
+        delete_account = form.cleaned_data["delete_account"]
+        services.delete_all_data(request.user, delete_account=delete_account)
+        if delete_account:
+            logout(request)
+            messages.success(request, _("Your account and all your data are deleted."))
+            return redirect("home")
+        messages.success(request, _("All your photos, doubles and portraits are deleted."))
+        return redirect("account")
+    return render(request, "studio/delete_data.html", {"form": form}, status=400 if form.errors else 200)

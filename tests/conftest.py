@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from django.contrib.auth.models import User
 from django.test import Client
 
 from studio.models import Persona
 
 PASSWORD = "correct horse battery staple"
+
+# Two torch threads on CI's two cores made tiny training steps swing from 0.06 s to 9 s.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

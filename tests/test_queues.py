@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import django_rq
 import pytest
@@ -15,16 +11,7 @@ from django.test import Client
 from rq import Worker
 
 from studio import services
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def worker_process(*extra: str) -> subprocess.Popen:
-    """`manage.py rqworker gpu default`, the documented worker command, on the test Redis."""
-    return subprocess.Popen(
-        [sys.executable, "manage.py", "rqworker", "gpu", "default", *extra],
-        cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+from tests.processes import start_worker
 
 
 @pytest.fixture
@@ -42,10 +29,11 @@ def test_gpu_jobs_get_the_long_timeout_and_failure_ttl(empty_queues):
     assert services.enqueue("default", "operator.add", 1, 1).timeout == settings.DEFAULT_JOB_TIMEOUT_S
 
 
+@pytest.mark.django_db(transaction=True)
 def test_documented_worker_command_runs_jobs_from_both_queues(empty_queues):
     gpu_job = services.enqueue("gpu", "operator.add", 2, 3)
     default_job = services.enqueue("default", "operator.mul", 4, 5)
-    worker = worker_process("--burst")
+    worker = start_worker("--burst")
     output, _ = worker.communicate(timeout=120)
     assert worker.returncode == 0, output.decode(errors="replace")
     gpu_job.refresh()
@@ -63,9 +51,9 @@ def test_healthz_without_worker_is_503(empty_queues):
     assert body["worker"] == {"ok": False, "gpu_workers": 0}
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_healthz_with_live_worker_is_200(empty_queues):
-    worker = worker_process()
+    worker = start_worker()
     try:
         deadline = time.monotonic() + 60
         while not Worker.all(queue=django_rq.get_queue("gpu")) and time.monotonic() < deadline:

@@ -1,15 +1,24 @@
-"""Creates the demo staff account that `make run` prints, on development sites only."""
+"""Creates the demo staff account that `make run` prints and the demo templates, on development sites only."""
 
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand, CommandError
 
+from studio import services
+from studio.models import Template
+
 DEMO_USERNAME = "demo"
 DEMO_PASSWORD = "photobooth-demo"
+DEMO_TEMPLATES = {
+    "official-portrait-1.jpg": ("Official portrait", "formal, studio"),
+    "official-portrait-2.jpg": ("Flag portrait", "formal, studio"),
+    "podium.jpg": ("At the podium", "event"),
+    "astronaut.jpg": ("Astronaut", "space, costume"),
+}
 
 
 class Command(BaseCommand):
-    help = "Create (or reset) the demo staff account. Refused when DEBUG is off."
+    help = "Create (or reset) the demo staff account and the demo templates. Refused when DEBUG is off."
 
     def handle(self, *args, **options) -> None:
         if not settings.DEBUG:
@@ -19,4 +28,9 @@ class Command(BaseCommand):
         user.is_superuser = True
         user.set_password(DEMO_PASSWORD)
         user.save()
+        for filename, (title, tags) in DEMO_TEMPLATES.items():
+            if not Template.objects.filter(title=title).exists():
+                jpeg = (services.DEMO_TEMPLATES / filename).read_bytes()
+                services.create_template(title, tags, jpeg, uploaded_by=user)
+                self.stdout.write(f"Demo template: {title}")
         self.stdout.write(f"Demo staff login: {DEMO_USERNAME} / {DEMO_PASSWORD}")

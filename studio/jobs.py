@@ -1,0 +1,204 @@
+"""RQ entry points for the GPU work: build a digital double, make portraits.
+
+Each entry point loads its rows, runs the pipeline with progress and cancel wired to the
+`Job` row (see `JobReporter`), writes artefacts atomically (work in a temporary folder, then
+store under new names and delete the old ones after commit, so running a job twice leaves
+one set of files), and publishes every change to the owner's open pages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import traceback
+import zipfile
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Callable
+
+from django.conf import settings
+from django.core.files import File
+from django.db import transaction
+from django.utils import timezone
+from PIL import Image
+
+from pipeline.common import CancelToken, Cancelled, Progress, gettext_noop
+from pipeline.generate import GenerateConfig, analyse_template, load_persona, render_portraits
+from studio import services
+from studio.models import Job, Persona, Photo
+
+log = logging.getLogger(__name__)
+
+# What a person reads when a job fails (translated when shown); staff get the traceback.
+FAILED_OUT_OF_MEMORY = gettext_noop(
+    "The graphics card ran out of memory while working on this. Please try again in a few minutes."
+)
+FAILED_UNEXPECTEDLY = gettext_noop("Something went wrong on our side. You can try again; our staff can see what happened.")
+
+
+class JobReporter:
+    """The pipeline's progress callback and cancel token for one Job row.
+
+    Saves and publishes at most every `interval_s` (and always at a stage's end), and reads
+    the row's cancel flag at the same time, so a cancel from the page stops the pipeline at
+    its next progress report.
+    """
+
+    def __init__(self, job: Job, interval_s: float = 0.5) -> None:
+        self.job = job
+        self.cancel = CancelToken()
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s and progress.fraction < 1.0:
+            return
+        self._last = now
+        self.job.stage = progress.stage[:40]
+        self.job.progress = min(1.0, max(0.0, progress.fraction))
+        self.job.heartbeat = timezone.now()
+        Job.objects.filter(pk=self.job.pk).update(
+            stage=self.job.stage, progress=self.job.progress, heartbeat=self.job.heartbeat
+        )
+        if not Job.objects.filter(pk=self.job.pk, cancel_requested=False).exists():
+            self.cancel.cancel()  # cancelled from the page, or the person deleted their data
+        services.publish_job(self.job)
+        self.cancel.raise_if_cancelled()
+
+
+def _finish(job: Job, status: str, **fields) -> None:
+    Job.objects.filter(pk=job.pk).update(status=status, finished=timezone.now(), **fields)
+    job.refresh_from_db()
+    services.publish_job(job)
+
+
+def run_job(job_id: int, work: Callable[[Job, JobReporter], None]) -> None:
+    """Runs `work` for a queued Job and records how it ended; then dispatches the next job."""
+    job = Job.objects.select_related("persona").filter(pk=job_id).first()
+    if job is None or job.status != Job.Status.QUEUED:
+        return  # deleted or cancelled while it waited
+    job.status, job.started, job.heartbeat = Job.Status.RUNNING, timezone.now(), timezone.now()
+    job.save(update_fields=["status", "started", "heartbeat"])
+    services.publish_job(job)
+    try:
+        work(job, JobReporter(job))
+    except Cancelled:
+        if not Job.objects.filter(pk=job.pk).exists():
+            return  # the person deleted their data: nothing of theirs may be written again
+        services.reset_persona_after_stop(job, Persona.Status.CANCELLED)
+        _finish(job, Job.Status.CANCELLED)
+    except Exception as error:
+        log.exception("job %s failed", job.pk)
+        message = FAILED_OUT_OF_MEMORY if _is_out_of_memory(error) else FAILED_UNEXPECTEDLY
+        services.reset_persona_after_stop(job, Persona.Status.FAILED)
+        _finish(job, Job.Status.FAILED, error_for_person=message, error_detail=traceback.format_exc())
+        raise  # RQ keeps the traceback in its failed registry for staff
+    else:
+        _finish(job, Job.Status.SUCCEEDED, progress=1.0)
+    finally:
+        services.dispatch_waiting_jobs()
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()  # the worker goes on serving
+        return True
+    return False
+
+
+def unpack_preprocessed(persona: Persona, folder: Path) -> dict:
+    """The persona's preprocessed folder (see pipeline.preprocess), unzipped; returns persona.json."""
+    with persona.preprocessed.open("rb") as stored, zipfile.ZipFile(stored) as archive:
+        archive.extractall(folder)
+    return json.loads((folder / "persona.json").read_text(encoding="utf-8"))
+
+
+def build_double(job_id: int) -> None:
+    run_job(job_id, _build_double)
+
+
+def _build_double(job: Job, report: JobReporter) -> None:
+    persona = job.persona
+    services.set_persona_status(persona, Persona.Status.PREPROCESSING)
+    with TemporaryDirectory(prefix="photobooth-double-") as work:
+        folder = Path(work)
+        summary = unpack_preprocessed(persona, folder)
+        report(Progress("preprocess", 1.0))
+        engine = services.diffusion_engine_or_classic()
+        if engine == "classic":
+            # No diffusion weights: the double is the selected, aligned faces and embeddings.
+            scores = [photo["scores"]["similarity"] for photo in summary["photos"] if photo["accepted"]]
+            outputs = {"reference_face": folder / "reference.png"}
+            identity = sum(scores) / len(scores)
+        else:
+            services.set_persona_status(persona, Persona.Status.TRAINING)
+            outputs, identity = services.train_double(folder, report, report.cancel)
+        report.cancel.raise_if_cancelled()
+        with transaction.atomic():
+            old_files = [getattr(persona, field).name for field in outputs if getattr(persona, field)]
+            for field, path in outputs.items():
+                with open(path, "rb") as data:
+                    getattr(persona, field).save(path.name, File(data), save=False)
+            persona.engine, persona.identity_score, persona.status = engine, identity, Persona.Status.READY
+            persona.save()
+            transaction.on_commit(lambda: [persona.preprocessed.storage.delete(name) for name in old_files])
+            if not persona.keep_photos:
+                for photo in Photo.objects.filter(persona=persona):
+                    photo.delete()
+    services.publish_persona(persona)
+
+
+def make_portraits(job_id: int) -> None:
+    run_job(job_id, _make_portraits)
+
+
+def _copy_stored(stored, path: Path) -> None:
+    with stored.open("rb") as source, open(path, "wb") as target:
+        shutil.copyfileobj(source, target)
+
+
+def _make_portraits(job: Job, report: JobReporter) -> None:
+    persona = job.persona
+    analyzer = services.face_analyzer()
+    with TemporaryDirectory(prefix="photobooth-portraits-") as work:
+        folder = Path(work)
+        unpack_preprocessed(persona, folder)
+        engine = lora = None
+        if persona.engine == "diffusion":
+            _copy_stored(persona.best_face, folder / "best_face.png")
+            lora = folder / "persona_lora.safetensors"
+            _copy_stored(persona.lora_file, lora)
+            engine = services.diffusion_engine()
+        subject = load_persona(folder, analyzer)
+        templates = list(job.templates.all())
+        batches = [templates[start : start + PORTRAIT_BATCH] for start in range(0, len(templates), PORTRAIT_BATCH)]
+        for index, batch in enumerate(batches):
+            faces = []
+            for template in batch:
+                with template.image.open("rb") as stored:
+                    faces.append(analyse_template(Image.open(stored), analyzer))
+            results = render_portraits(
+                subject, faces, analyzer, GenerateConfig(crop_size=settings.PORTRAIT_SIZE), engine=engine, lora=lora,
+                progress=_within(report, index, len(batches)), cancel=report.cancel,
+            )
+            for template, result in zip(batch, results):
+                portrait = services.save_portrait(job, template, result.image, result.identity_score)
+                services.publish_portrait(portrait)
+
+
+# Templates rendered together: a GPU renders 4 in about the time of 1 (see bench/RESULTS.md).
+PORTRAIT_BATCH = 4
+
+
+def _within(report: JobReporter, index: int, count: int) -> Callable[[Progress], None]:
+    """Maps one batch's progress into its share of the whole job."""
+
+    def scaled(progress: Progress) -> None:
+        report(Progress("portrait", (index + progress.fraction) / count, progress.detail))
+
+    return scaled

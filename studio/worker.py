@@ -1,0 +1,29 @@
+"""The RQ worker class for Photobooth (settings.RQ["WORKER_CLASS"]).
+
+It does not fork (RQ's default forks per job): models loaded by one job stay resident for
+the next, and a parent that touched CUDA never forks a CUDA child. Every maintenance round
+(each `MAINTENANCE_INTERVAL_S`) it also fails jobs whose worker was lost.
+"""
+
+from __future__ import annotations
+
+from rq import SimpleWorker
+
+from studio import services
+
+MAINTENANCE_INTERVAL_S = 20
+
+
+class StudioWorker(SimpleWorker):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL_S)
+        super().__init__(*args, **kwargs)
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """An idle worker wakes this often, so maintenance runs on time (RQ waits worker_ttl - 15 s)."""
+        return MAINTENANCE_INTERVAL_S
+
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()
+        services.recover_abandoned_jobs()

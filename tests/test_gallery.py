@@ -1,0 +1,87 @@
+"""Template gallery: staff upload (page and admin), face check, tag filter, asking for portraits."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.contrib.auth.models import User
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
+from django.urls import reverse
+from PIL import Image
+
+from studio import services
+from studio.models import Job, Persona, Template
+from tests.jobs_fixtures import FACES, demo_templates
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff_client(db) -> Client:
+    client = Client()
+    client.force_login(User.objects.create_user("staff", "staff@example.com", "x", is_staff=True, is_superuser=True))
+    return client
+
+
+def template_post(image: bytes, **fields) -> dict:
+    return {"title": "Studio", "tags": "formal, studio", "prompt": "", "negative_prompt": "", "published": "on",
+            "image": SimpleUploadedFile("t.jpg", image), **fields}
+
+
+def test_staff_adds_a_template_with_a_face(staff_client):
+    response = staff_client.post(reverse("template_new"), template_post((FACES / "biden.jpg").read_bytes()))
+    assert response.status_code == 302
+    template = Template.objects.get()
+    assert template.published and len(template.face_boxes) == 1
+    assert template.thumbnail and max(Image.open(template.thumbnail).size) <= services.TEMPLATE_THUMBNAIL_PX
+
+
+def test_template_without_a_face_is_refused_with_the_reason(staff_client):
+    blank = io.BytesIO()
+    Image.new("RGB", (600, 800), "skyblue").save(blank, "JPEG")
+    response = staff_client.post(reverse("template_new"), template_post(blank.getvalue()))
+    assert response.status_code == 400
+    assert "We could not find a face in this template." in response.content.decode()
+    assert not Template.objects.exists()
+
+
+def test_admin_upload_checks_the_face_too(staff_client):
+    blank = io.BytesIO()
+    Image.new("RGB", (600, 800), "white").save(blank, "JPEG")
+    response = staff_client.post(reverse("admin:studio_template_add"), template_post(blank.getvalue()))
+    assert response.status_code == 200 and "We could not find a face" in response.content.decode()
+    response = staff_client.post(reverse("admin:studio_template_add"), template_post((FACES / "obama.jpg").read_bytes()))
+    assert response.status_code == 302 and Template.objects.get().face_boxes
+
+
+def test_only_staff_reach_the_upload_page(owner_client):
+    assert owner_client.get(reverse("template_new")).status_code == 404
+    assert Client().get(reverse("template_new")).status_code == 302
+
+
+def test_gallery_shows_published_templates_and_filters_by_tag(owner_client, owner):
+    space, formal = demo_templates(owner, 2)
+    space.tags, formal.tags = "space", "formal"
+    space.save(), formal.save()
+    Template.objects.create(title="Draft", published=False)
+    body = owner_client.get(reverse("gallery")).content.decode()
+    assert space.title in body and formal.title in body and "Draft" not in body
+    filtered = owner_client.get(reverse("gallery"), {"tag": "space"}).content.decode()
+    assert space.title in filtered and formal.title not in filtered
+
+
+def test_asking_for_portraits_of_another_persons_double_is_404(other_client, owner):
+    persona = Persona.objects.create(owner=owner, name="Mine", status=Persona.Status.READY)
+    template = demo_templates(owner, 1)[0]
+    response = other_client.post(reverse("portraits_request"), {"persona": persona.id, "templates": [template.id]})
+    assert response.status_code == 404
+    assert not Job.objects.exists()
+
+
+def test_asking_for_portraits_without_a_template_explains(owner_client, owner, django_capture_on_commit_callbacks):
+    persona = Persona.objects.create(owner=owner, name="Mine", status=Persona.Status.READY)
+    response = owner_client.post(reverse("portraits_request"), {"persona": persona.id}, follow=True)
+    assert "Pick at least one template." in response.content.decode()
+    assert not Job.objects.exists()

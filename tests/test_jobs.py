@@ -1,0 +1,183 @@
+"""Building doubles and portraits through studio.jobs, in this process, on real Redis and photos."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from datetime import timedelta
+from pathlib import Path
+
+import django_rq
+import pytest
+from django.conf import settings
+from django.urls import reverse
+from django.utils import timezone
+
+from studio import jobs, services
+from studio.models import Job, Persona, Photo, Portrait
+from tests.jobs_fixtures import demo_templates, persona_with_photos, ready_persona
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def empty_queue():
+    django_rq.get_connection("gpu").flushdb()
+    yield
+    django_rq.get_connection("gpu").flushdb()
+
+
+def queued_ids() -> list[str]:
+    return django_rq.get_queue("gpu").job_ids
+
+
+def test_classic_double_keeps_crops_and_deletes_selfies(owner):
+    persona = persona_with_photos(owner)
+    selfie_files = [photo.image.path for photo in persona.photos.all()]
+    job = services.request_training(persona)
+    assert queued_ids() == [job.rq_job_id for job in [Job.objects.get(pk=job.pk)]]
+    jobs.build_double(job.id)
+    persona.refresh_from_db()
+    job.refresh_from_db()
+    assert (persona.status, persona.engine, job.status, job.progress) == ("ready", "classic", "succeeded", 1.0)
+    assert persona.reference_face and Path(persona.reference_face.path).is_file()
+    assert 0.8 < persona.identity_score <= 1.0
+    assert not Photo.objects.filter(persona=persona).exists()
+    assert not any(Path(path).exists() for path in selfie_files)
+    assert persona.preprocessed and Path(persona.preprocessed.path).is_file()
+
+
+def test_keep_my_photos_keeps_them(owner):
+    persona = persona_with_photos(owner)
+    persona.keep_photos = True
+    persona.save()
+    jobs.build_double(services.request_training(persona).id)
+    assert persona.photos.count() == 5
+
+
+def test_building_twice_leaves_one_set_of_files(owner):
+    persona = ready_persona(owner)
+    first_reference = persona.reference_face.path
+    persona.status = Persona.Status.FAILED  # as if the person retried
+    persona.save()
+    persona.keep_photos = True
+    jobs.build_double(Job.objects.create(persona=persona, kind=Job.Kind.TRAIN).id)
+    persona.refresh_from_db()
+    assert not Path(first_reference).exists()
+    assert Path(persona.reference_face.path).is_file()
+
+
+def test_training_needs_enough_photos(owner):
+    persona = Persona.objects.create(owner=owner, name="Empty")
+    with pytest.raises(services.NotAllowed, match="Add at least 5 good photos first"):
+        services.request_training(persona)
+
+
+def test_portraits_land_in_the_album(owner, owner_client, other_client):
+    persona = ready_persona(owner)
+    templates = demo_templates(owner, 2)
+    job = services.request_portraits(persona, templates)
+    jobs.make_portraits(job.id)
+    job.refresh_from_db()
+    portraits = list(Portrait.objects.filter(persona=persona))
+    assert job.status == "succeeded" and len(portraits) == 2
+    assert {p.template_id for p in portraits} == {t.id for t in templates}
+    assert all(p.identity_similarity is not None and p.identity_similarity > 0.8 for p in portraits)
+
+    album = owner_client.get(reverse("album")).content.decode()
+    assert all(reverse("portrait", args=[p.id]) in album for p in portraits)
+    download = owner_client.get(reverse("portrait_download", args=[portraits[0].id]))
+    assert download["Content-Disposition"].startswith("attachment")
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(owner_client.get(reverse("album_zip", args=[persona.id])).streaming_content)))
+    assert sorted(archive.namelist()) == sorted(f"portrait-{p.id}.jpg" for p in portraits)
+    for url in [reverse("portrait", args=[portraits[0].id]), reverse("portrait_download", args=[portraits[0].id]),
+                reverse("album_zip", args=[persona.id]), reverse("media_file", args=[portraits[0].image.name]),
+                reverse("media_file", args=[portraits[0].thumbnail.name])]:
+        assert other_client.get(url).status_code == 404, url
+    assert other_client.post(reverse("portrait_delete", args=[portraits[0].id])).status_code == 404
+    assert other_client.post(reverse("album_delete", args=[persona.id])).status_code == 404
+
+    owner_client.post(reverse("portrait_delete", args=[portraits[0].id]))
+    assert not Path(portraits[0].image.path).exists()
+    owner_client.post(reverse("album_delete", args=[persona.id]))
+    assert not Portrait.objects.filter(persona=persona).exists()
+
+
+def test_portraits_need_a_ready_double(owner):
+    persona = persona_with_photos(owner)
+    with pytest.raises(services.NotAllowed, match="not ready"):
+        services.request_portraits(persona, demo_templates(owner, 1))
+
+
+def test_cancel_while_queued_removes_it_from_the_queue(owner):
+    persona = persona_with_photos(owner)
+    job = services.request_training(persona)
+    assert queued_ids() == [Job.objects.get(pk=job.pk).rq_job_id]
+    services.cancel_job(Job.objects.get(pk=job.pk))
+    job.refresh_from_db()
+    persona.refresh_from_db()
+    assert job.status == "cancelled" and persona.status == "cancelled"
+    assert queued_ids() == []
+    jobs.build_double(job.id)  # a stale worker pick-up does nothing
+    assert Job.objects.get(pk=job.pk).status == "cancelled"
+
+
+def test_one_person_at_a_time_on_the_queue(owner, other_user):
+    mine = ready_persona(owner, "Mine")
+    theirs = ready_persona(other_user, "Theirs")
+    templates = demo_templates(owner, 1)
+    django_rq.get_queue("gpu").empty()  # the finished builds' entries
+    my_jobs = [services.request_portraits(mine, templates) for _ in range(10)]
+    their_job = services.request_portraits(theirs, templates)
+    rq_ids = {job.id: Job.objects.get(pk=job.id).rq_job_id for job in [*my_jobs, their_job]}
+    assert queued_ids() == [rq_ids[my_jobs[0].id], rq_ids[their_job.id]]
+    django_rq.get_queue("gpu").remove(rq_ids[my_jobs[0].id])  # as a worker takes it
+    jobs.make_portraits(my_jobs[0].id)  # finishing one puts the person's next at the back
+    assert queued_ids()[-1] == Job.objects.get(pk=my_jobs[1].id).rq_job_id
+    assert queued_ids()[0] == rq_ids[their_job.id]
+
+
+def test_failed_job_explains_and_allows_retry(owner):
+    persona = persona_with_photos(owner)
+    job = services.request_training(persona)
+    persona.preprocessed.delete(save=True)  # the build cannot read its photos
+    with pytest.raises(Exception):
+        jobs.build_double(job.id)
+    job.refresh_from_db()
+    persona.refresh_from_db()
+    assert job.status == "failed" and job.error_for_person == jobs.FAILED_UNEXPECTEDLY
+    assert "Traceback" in job.error_detail
+    assert persona.status == "failed"
+
+
+def test_job_lost_by_its_worker_is_failed(owner, settings):
+    persona = persona_with_photos(owner)
+    job = services.request_training(persona)
+    stale = timezone.now() - timedelta(seconds=settings.JOB_HEARTBEAT_TIMEOUT_S + 1)
+    Job.objects.filter(pk=job.pk).update(status="running", heartbeat=stale)
+    assert services.recover_abandoned_jobs() == 1
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_for_person == services.WORKER_LOST
+    assert Persona.objects.get(pk=persona.pk).status == "failed"
+
+
+def test_delete_all_data_leaves_nothing(owner, owner_client):
+    persona = ready_persona(owner)
+    jobs.make_portraits(services.request_portraits(persona, demo_templates(owner, 1)).id)
+    services.request_portraits(persona, demo_templates(owner, 1))  # still queued
+    folder = Path(settings.MEDIA_ROOT) / "users" / str(owner.id)
+    assert any(folder.rglob("*"))
+    response = owner_client.post(reverse("delete_data"), {"confirm": "on", "delete_account": "on"})
+    assert response.status_code == 302
+    assert not folder.exists(), list(folder.rglob("*"))
+    assert not Persona.objects.exists() and not Job.objects.exists() and not Portrait.objects.exists()
+    assert queued_ids() == []
+    assert not type(owner).objects.filter(pk=owner.pk).exists()
+
+
+def test_delete_data_needs_confirmation(owner_client, owner):
+    persona = persona_with_photos(owner)
+    response = owner_client.post(reverse("delete_data"), {})
+    assert response.status_code == 400
+    assert "Tick the box to confirm." in response.content.decode()
+    assert Persona.objects.filter(pk=persona.pk).exists()

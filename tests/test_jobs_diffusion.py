@@ -1,0 +1,46 @@
+"""The diffusion engine through the site: a double trained on the tiny model kit, then a portrait."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import django_rq
+import pytest
+from safetensors.torch import load_file
+
+from pipeline.tinykit import build_tiny_kit
+from studio import jobs, services
+from studio.models import Portrait
+from tests.jobs_fixtures import demo_templates, persona_with_photos
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def tiny_diffusion(settings, tmp_path):
+    settings.MODEL_DIR = build_tiny_kit(tmp_path / "models")
+    settings.PORTRAIT_ENGINE = "diffusion"
+    settings.TRAIN_MAX_STEPS = 2
+    settings.TRAIN_CHECKPOINT_EVERY = 1
+    settings.PORTRAIT_SIZE = 64
+    services.diffusion_engine.cache_clear()
+    yield
+    services.diffusion_engine.cache_clear()
+    django_rq.get_connection("gpu").flushdb()
+
+
+def test_diffusion_double_and_portrait(owner, tiny_diffusion):
+    persona = persona_with_photos(owner)
+    jobs.build_double(services.request_training(persona).id)
+    persona.refresh_from_db()
+    assert (persona.status, persona.engine) == ("ready", "diffusion")
+    lora = load_file(persona.lora_file.path)
+    assert any(key.startswith("unet.") for key in lora) and any(key.startswith("text_encoder.") for key in lora)
+    assert Path(persona.best_face.path).is_file()
+
+    job = services.request_portraits(persona, demo_templates(owner, 1))
+    jobs.make_portraits(job.id)
+    job.refresh_from_db()
+    assert job.status == "succeeded", job.error_detail
+    portrait = Portrait.objects.get(job=job)
+    assert portrait.image.width > 0 and Path(portrait.thumbnail.path).is_file()

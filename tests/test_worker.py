@@ -1,0 +1,115 @@
+"""Real worker processes: live progress to the owner only, cancel while running, a killed worker."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import django_rq
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+from django.urls import reverse
+
+from photobooth.asgi import application
+from studio import services
+from studio.models import Job, Portrait
+from tests.jobs_fixtures import demo_templates, persona_with_photos, ready_persona
+from tests.processes import start_worker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def empty_queue():
+    django_rq.get_connection("gpu").flushdb()
+    yield
+    django_rq.get_connection("gpu").flushdb()
+
+
+@pytest.fixture
+def workers():
+    started = []
+    yield lambda *args, **env: started.append(start_worker(*args, **env)) or started[-1]
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+        output, _ = process.communicate(timeout=30)
+        print(output.decode(errors="replace")[-6000:])  # shown when a test fails
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def twelve_templates(owner):
+    """Enough distinct templates that a job is still running when the test acts on it."""
+    return [template for _ in range(3) for template in demo_templates(owner, 4)]
+
+
+def socket(client: Client) -> WebsocketCommunicator:
+    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+    return WebsocketCommunicator(application, "/ws/jobs/", headers=[(b"origin", b"http://localhost"), (b"cookie", cookie)])
+
+
+def test_progress_arrives_in_order_and_only_to_its_owner(owner, owner_client, other_client, workers):
+    persona = persona_with_photos(owner)
+
+    async def scenario():
+        mine, theirs = socket(owner_client), socket(other_client)
+        assert (await mine.connect())[0] and (await theirs.connect())[0]
+        await mine.receive_from()
+        await theirs.receive_from()
+        job = await sync_to_async(services.request_training)(persona)
+        await sync_to_async(workers)("--burst")
+        progress, statuses = [], []
+        while not {"Done", "Failed"} & set(statuses):
+            fragment = await mine.receive_from(timeout=60)
+            if f'id="job-{job.id}"' in fragment:
+                statuses.append(re.search(r'class="job-status">([^<]+)<', fragment).group(1))
+                value = re.search(r'<progress max="100" value="(\d+)"', fragment)
+                if value:
+                    progress.append(int(value.group(1)))
+        assert statuses[0] == "Running" and statuses[-1] == "Done"
+        assert progress == sorted(progress) and progress[-1] == 100
+        assert await theirs.receive_nothing(timeout=0.5)
+        await mine.disconnect()
+        await theirs.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_cancel_while_running_stops_and_leaves_whole_files(owner, owner_client, workers):
+    persona = ready_persona(owner)
+    job = services.request_portraits(persona, twelve_templates(owner))
+    workers()
+    wait_for(lambda: Job.objects.get(pk=job.pk).status == "running", 60, "the job to start")
+    response = owner_client.post(reverse("job_cancel", args=[job.pk]), headers={"HX-Request": "true"})
+    assert response.status_code == 200
+    wait_for(lambda: Job.objects.get(pk=job.pk).status == "cancelled", 60, "the job to stop")
+    for portrait in Portrait.objects.filter(job=job):
+        assert portrait.image.size > 0 and portrait.thumbnail.size > 0
+
+
+def test_killed_worker_is_noticed_and_the_next_job_runs(owner, other_user, workers):
+    persona = ready_persona(owner)
+    job = services.request_portraits(persona, twelve_templates(owner))
+    first = workers(JOB_HEARTBEAT_TIMEOUT_S="5")
+    wait_for(lambda: Job.objects.get(pk=job.pk).status == "running", 60, "the job to start")
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    noticed_at = time.monotonic()
+    workers(JOB_HEARTBEAT_TIMEOUT_S="5")
+    wait_for(lambda: Job.objects.get(pk=job.pk).status == "failed", 180, "the lost job to be failed")
+    assert time.monotonic() - noticed_at < 180
+    assert Job.objects.get(pk=job.pk).error_for_person == services.WORKER_LOST
+    next_job = services.request_training(persona_with_photos(other_user))
+    wait_for(lambda: Job.objects.get(pk=next_job.pk).status == "succeeded", 120, "the next job to succeed")
