@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test
+.PHONY: install run test chromium
 
 # Re-installs only when requirements.txt changes.
 $(VENV)/installed.stamp: requirements.txt requirements-nodeps.txt
@@ -20,5 +20,11 @@ run: install
 	$(PY) manage.py seed_demo
 	$(PY) -m photobooth.dev run
 
-test: install
+# The browser test needs Debian's chromium; install it when missing (root, or sudo).
+chromium:
+	@command -v chromium >/dev/null || { echo "Installing Debian's chromium for the browser test"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
+
+test: install chromium
 	$(PY) -m pytest

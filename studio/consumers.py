@@ -24,7 +24,7 @@ class JobsConsumer(AsyncWebsocketConsumer):
         self.group = services.user_group(user.id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
-        await self.send(text_data=await database_sync_to_async(services.render_jobs_panel)(user))
+        await self.send(text_data=await database_sync_to_async(services.render_live_state)(user))
 
     async def disconnect(self, code: int) -> None:
         if self.group:

@@ -53,9 +53,15 @@ def active_jobs(owner: AbstractBaseUser) -> list[Job]:
     return list(Job.objects.filter(owner=owner, status__in=Job.ACTIVE).select_related("persona"))
 
 
-def render_jobs_panel(owner: AbstractBaseUser) -> str:
-    """The whole jobs panel as an out-of-band fragment: what a socket gets on connect."""
-    return render_to_string("studio/_jobs.html", {"jobs": active_jobs(owner), "oob": True})
+def render_live_state(owner: AbstractBaseUser) -> str:
+    """What a socket gets on connect: the jobs panel and every double's status, as OOB fragments.
+
+    So a page catches up with whatever changed between its render and its socket opening.
+    """
+    parts = [render_to_string("studio/_jobs.html", {"jobs": active_jobs(owner), "oob": True})]
+    for persona in Persona.objects.filter(owner=owner):
+        parts.append(render_to_string("studio/_persona_status.html", {"persona": persona, "oob": True}))
+    return "\n".join(parts)
 
 
 def publish_job(job: Job) -> None:

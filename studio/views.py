@@ -75,6 +75,7 @@ def _persona_page(request: HttpRequest, persona: Persona, **context) -> HttpResp
         "upload_form": PhotoUploadForm(room=settings.PHOTOS_PER_PERSONA - len(photos)),
         "consent_form": FaceConsentForm(),
         "jobs": services.active_jobs(request.user),
+        "buildable": services.RETRYABLE_PERSONA,
         **context,
     }
     template = "studio/_photos.html" if request.htmx else "studio/persona.html"

@@ -14,7 +14,7 @@ from django.db import connection
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_database_url() -> str:
+def database_url_for_processes() -> str:
     """DATABASE_URL of the database the tests are using right now (its test copy)."""
     database = connection.settings_dict
     if database["ENGINE"].endswith("sqlite3"):
@@ -31,7 +31,7 @@ def start_worker(*extra: str, **env: str) -> subprocess.Popen:
         cwd=ROOT,
         env={
             **os.environ,
-            "DATABASE_URL": test_database_url(),
+            "DATABASE_URL": database_url_for_processes(),
             "DATA_DIR": str(Path(settings.MEDIA_ROOT).parent),
             **env,
         },

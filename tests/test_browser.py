@@ -1,0 +1,126 @@
+"""The whole journey in real headless Chromium against daphne, Redis and an RQ worker process.
+
+Screenshots land in PHOTOBOOTH_ARTIFACTS (default: test-artifacts/ in the repository).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from playwright.sync_api import expect, sync_playwright
+
+from photobooth.dev import free_port
+from studio.models import Portrait
+from tests.jobs_fixtures import FACES, FIVE_OBAMAS, demo_templates
+from tests.processes import ROOT, start_worker, database_url_for_processes
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ARTIFACTS = Path(os.environ.get("PHOTOBOOTH_ARTIFACTS", ROOT / "test-artifacts"))
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture
+def site(tmp_path):
+    """daphne serving the site on a free port, and a worker, both on this test's database."""
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url_for_processes(), "DATA_DIR": str(Path(settings.MEDIA_ROOT).parent)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "photobooth.asgi:application"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    worker = start_worker()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/signup/", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("daphne did not start") from None
+            time.sleep(0.3)
+    yield url
+    for process in (server, worker):
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+        print(output.decode(errors="replace")[-4000:])  # shown when the test fails
+
+
+def test_sign_up_to_portraits_to_deleting_everything(site, owner):
+    assert Path(CHROMIUM).exists(), "the browser test needs Debian's chromium (make test installs it)"
+    first, second = demo_templates(owner, 2)  # staff content in the gallery
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        page = browser.new_page(viewport={"width": 420, "height": 900}, accept_downloads=True)
+        page.set_default_timeout(90_000)
+        expect.set_options(timeout=90_000)
+
+        page.goto(site + "/signup/")
+        page.fill("#id_username", "alice")
+        page.fill("#id_email", "alice@example.com")
+        page.fill("#id_password1", "a long enough passphrase")
+        page.fill("#id_password2", "a long enough passphrase")
+        page.click("button[type=submit]:has-text('Sign up')")
+        expect(page.locator("h1")).to_have_text("My digital doubles")
+
+        page.fill("#id_name", "Holiday me")
+        page.click("button:has-text('Create')")
+        page.check("#id_agree")
+        page.click("button:has-text('I agree')")
+        page.set_input_files("input[type=file]", [str(FACES / name) for name in FIVE_OBAMAS])
+        page.click("button:has-text('Upload')")
+        expect(page.locator(".counter")).to_contain_text("5 good photos.")
+        page.screenshot(path=ARTIFACTS / "1-photos.png", full_page=True)
+
+        page.click("button:has-text('Build my digital double')")
+        page.evaluate("window.notReloaded = true")
+        # Queued -> Preparing photos -> Ready arrive over the websocket; the page is not reloaded.
+        expect(page.locator("[id$='-status'].status")).to_have_text("Ready")
+        assert page.evaluate("window.notReloaded") is True
+        page.screenshot(path=ARTIFACTS / "2-progress.png", full_page=True)
+
+        page.goto(site + "/gallery/")
+        page.check(f"input[name=templates][value='{first.id}']")
+        page.check(f"input[name=templates][value='{second.id}']")
+        page.click("button:has-text('Make my portraits')")
+        page.evaluate("window.notReloaded = true")
+        expect(page.locator("#album-live .portrait")).to_have_count(2)
+        assert page.evaluate("window.notReloaded") is True
+        page.screenshot(path=ARTIFACTS / "3-album-live.png", full_page=True)
+
+        page.reload()
+        page.click(".album-group .portrait a >> nth=0")
+        with page.expect_download() as download:
+            page.click("a:has-text('Download')")
+        saved = ARTIFACTS / "downloaded-portrait.jpg"
+        download.value.save_as(saved)
+        assert saved.stat().st_size > 10_000
+
+        # (No ORM here: Playwright's event loop makes this thread async to Django.)
+        stored = list((Path(settings.MEDIA_ROOT) / "users").glob("*/portraits/*"))
+        assert len(stored) == 4  # two portraits and their thumbnails
+        page.goto(site + "/account/delete/")
+        page.check("#id_confirm")
+        page.click("button:has-text('Delete my data')")
+        expect(page.locator(".message")).to_contain_text("All your photos, doubles and portraits are deleted.")
+        page.goto(site + "/album/")
+        expect(page.locator("#album-empty")).to_be_visible()
+        page.screenshot(path=ARTIFACTS / "4-deleted.png", full_page=True)
+        browser.close()
+
+    assert not any(path.exists() for path in stored)
+    assert not list((Path(settings.MEDIA_ROOT) / "users").glob("*/*"))
+    assert not Portrait.objects.exists()
