@@ -20,6 +20,7 @@ from typing import Callable
 
 from django.conf import settings
 from django.core.files import File
+from django.core.files.storage import default_storage
 from django.db import transaction
 from django.utils import timezone
 from PIL import Image
@@ -70,18 +71,20 @@ class JobReporter:
 
 
 def _finish(job: Job, status: str, **fields) -> None:
-    Job.objects.filter(pk=job.pk).update(status=status, finished=timezone.now(), **fields)
+    """Records the end of a running job, unless it was already failed as lost."""
+    Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(status=status, finished=timezone.now(), **fields)
     job.refresh_from_db()
     services.publish_job(job)
 
 
 def run_job(job_id: int, work: Callable[[Job, JobReporter], None]) -> None:
     """Runs `work` for a queued Job and records how it ended; then dispatches the next job."""
-    job = Job.objects.select_related("persona").filter(pk=job_id).first()
-    if job is None or job.status != Job.Status.QUEUED:
+    started = Job.objects.filter(pk=job_id, status=Job.Status.QUEUED).update(
+        status=Job.Status.RUNNING, started=timezone.now(), heartbeat=timezone.now()
+    )
+    if not started:
         return  # deleted or cancelled while it waited
-    job.status, job.started, job.heartbeat = Job.Status.RUNNING, timezone.now(), timezone.now()
-    job.save(update_fields=["status", "started", "heartbeat"])
+    job = Job.objects.select_related("persona").get(pk=job_id)
     services.publish_job(job)
     try:
         work(job, JobReporter(job))
@@ -125,6 +128,12 @@ def build_double(job_id: int) -> None:
 def _build_double(job: Job, report: JobReporter) -> None:
     persona = job.persona
     services.set_persona_status(persona, Persona.Status.PREPROCESSING)
+
+    def progress(update: Progress) -> None:
+        if update.stage == "validating" and persona.status != Persona.Status.VALIDATING:
+            services.set_persona_status(persona, Persona.Status.VALIDATING)
+        report(update)
+
     with TemporaryDirectory(prefix="photobooth-double-") as work:
         folder = Path(work)
         summary = unpack_preprocessed(persona, folder)
@@ -137,16 +146,20 @@ def _build_double(job: Job, report: JobReporter) -> None:
             identity = sum(scores) / len(scores)
         else:
             services.set_persona_status(persona, Persona.Status.TRAINING)
-            outputs, identity = services.train_double(folder, report, report.cancel)
-        report.cancel.raise_if_cancelled()
+            outputs, identity = services.train_double(folder, progress, report.cancel)
         with transaction.atomic():
+            # Locks the job row: a cancel or a "delete my data" either happened (nothing is
+            # written) or waits until this double is stored.
+            if not Job.objects.select_for_update().filter(pk=job.pk, cancel_requested=False).exists():
+                raise Cancelled()
             old_files = [getattr(persona, field).name for field in outputs if getattr(persona, field)]
             for field, path in outputs.items():
                 with open(path, "rb") as data:
                     getattr(persona, field).save(path.name, File(data), save=False)
             persona.engine, persona.identity_score, persona.status = engine, identity, Persona.Status.READY
-            persona.save()
-            transaction.on_commit(lambda: [persona.preprocessed.storage.delete(name) for name in old_files])
+            # update_fields: raises rather than re-inserting a row deleted meanwhile.
+            persona.save(update_fields=[*outputs, "engine", "identity_score", "status"])
+            transaction.on_commit(lambda: [default_storage.delete(name) for name in old_files])
             if not persona.keep_photos:
                 for photo in Photo.objects.filter(persona=persona):
                     photo.delete()

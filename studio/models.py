@@ -92,12 +92,16 @@ class Persona(OwnedModel):
         FAILED = "failed", _("Failed")
         CANCELLED = "cancelled", _("Cancelled")
 
+    class Engine(models.TextChoices):
+        CLASSIC = "classic", _("classic face fusion (no diffusion model)")
+        DIFFUSION = "diffusion", _("a personal Stable Diffusion LoRA")
+
     name = models.CharField(_("name"), max_length=80)
     status = models.CharField(_("status"), max_length=20, choices=Status.choices, default=Status.DRAFT)
     keep_photos = models.BooleanField(
         _("keep my photos"), default=False, help_text=_("Keep the original selfies after the double is built.")
     )
-    engine = models.CharField(_("engine"), max_length=20, blank=True)
+    engine = models.CharField(_("engine"), max_length=20, choices=Engine.choices, blank=True)
     lora_file = models.FileField(_("LoRA file"), upload_to=upload_persona_file, blank=True)
     reference_face = models.FileField(_("reference face"), upload_to=upload_persona_file, blank=True)
     best_face = models.FileField(_("best validation face"), upload_to=upload_persona_file, blank=True)

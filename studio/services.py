@@ -27,10 +27,11 @@ from django.db import transaction
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 from PIL import Image
 from rq.job import Job as RQJob
 
-from pipeline.common import CancelToken, ProgressCallback, gettext_noop
+from pipeline.common import Cancelled, CancelToken, ProgressCallback, gettext_noop
 from pipeline.faces import FaceAnalyzer, largest_face_embeddings, load_face_analyzer
 from pipeline.generate import DiffusionEngine, analyse_template
 from pipeline.models import check_models, load_models
@@ -101,6 +102,7 @@ def add_photos(persona: Persona, uploads: list[UploadedFile]) -> list[Refusal]:
 
     A refused file leaves no file and no row; the refusals come back for the page to show.
     """
+    _check_photos_can_change(persona)
     refusals: list[Refusal] = []
     stored = 0
     for upload in uploads:
@@ -149,8 +151,15 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
     return result
 
 
+def _check_photos_can_change(persona: Persona) -> None:
+    """A double's photos are fixed from the moment it is queued for building."""
+    if persona.status not in RETRYABLE_PERSONA:
+        raise NotAllowed(_("The photos of this double cannot change while it is being built or once it is ready."))
+
+
 def delete_photo(photo: Photo) -> None:
     persona = photo.persona
+    _check_photos_can_change(persona)
     photo.delete()
     if persona.photos.exists():
         analyse_persona(persona)
@@ -188,16 +197,23 @@ def reset_persona_after_stop(job: Job, status: str) -> None:
         set_persona_status(job.persona, status)
 
 
-def request_training(persona: Persona) -> Job:
-    if persona.status not in RETRYABLE_PERSONA:
-        raise NotAllowed(_("This double is already being built or is ready."))
+def request_training(persona: Persona, keep_photos: bool = False) -> Job:
     accepted = persona.photos.filter(status=Photo.Status.ACCEPTED).count()
     if accepted < settings.PHOTOS_NEEDED or not persona.preprocessed:
-        raise NotAllowed(_("Add at least %(count)d good photos first.") % {"count": settings.PHOTOS_NEEDED})
+        needed = settings.PHOTOS_NEEDED
+        raise NotAllowed(
+            ngettext("Add at least %(count)d good photo first.", "Add at least %(count)d good photos first.", needed)
+            % {"count": needed}
+        )
     with transaction.atomic():
+        # Conditional, so a double-submitted form queues one build, not two.
+        claimed = Persona.objects.filter(pk=persona.pk, status__in=RETRYABLE_PERSONA).update(
+            status=Persona.Status.QUEUED, keep_photos=keep_photos
+        )
+        if not claimed:
+            raise NotAllowed(_("This double is already being built or is ready."))
+        persona.status, persona.keep_photos = Persona.Status.QUEUED, keep_photos
         job = Job.objects.create(persona=persona, kind=Job.Kind.TRAIN)
-        persona.status = Persona.Status.QUEUED
-        persona.save(update_fields=["status"])
         transaction.on_commit(dispatch_waiting_jobs)
     return job
 
@@ -230,28 +246,28 @@ def dispatch_waiting_jobs() -> None:
             if job.owner_id in busy:
                 continue
             busy.add(job.owner_id)
-            job.rq_job_id = f"photobooth-job-{job.id}-{uuid.uuid4().hex[:8]}"
-            job.save(update_fields=["rq_job_id"])
-            enqueue("gpu", JOB_FUNCTIONS[job.kind], job.id, job_id=job.rq_job_id)
+            rq_job_id = f"photobooth-job-{job.id}-{uuid.uuid4().hex[:8]}"
+            enqueue("gpu", JOB_FUNCTIONS[job.kind], job.id, job_id=rq_job_id)  # first: a failure leaves it waiting
+            Job.objects.filter(pk=job.pk).update(rq_job_id=rq_job_id)
 
 
 def cancel_job(job: Job) -> None:
     """A waiting job is removed at once; a running one stops at its next progress report."""
-    if not job.is_active:
-        return
-    if job.status == Job.Status.QUEUED:
+    # Conditional updates: a worker may be starting the job at this very moment.
+    stopped = Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(
+        status=Job.Status.CANCELLED, finished=timezone.now()
+    )
+    if stopped:
         if job.rq_job_id:
             rq_job = django_rq.get_queue("gpu").fetch_job(job.rq_job_id)
             if rq_job is not None:
                 rq_job.cancel()
-        job.status, job.finished = Job.Status.CANCELLED, timezone.now()
-        job.save(update_fields=["status", "finished"])
+        job.refresh_from_db()
         reset_persona_after_stop(job, Persona.Status.CANCELLED)
         publish_job(job)
         dispatch_waiting_jobs()
     else:
-        job.cancel_requested = True
-        job.save(update_fields=["cancel_requested"])
+        Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(cancel_requested=True)
 
 
 def recover_abandoned_jobs() -> int:
@@ -281,14 +297,13 @@ def queue_position(job: Job) -> int | None:
     return ahead
 
 
-def estimated_seconds(job: Job) -> float | None:
-    """From the durations of the last ten finished jobs of the same kind."""
+def estimated_seconds(job: Job, position: int | None) -> float | None:
+    """From the durations of the last ten finished jobs of the same kind; `position` as queue_position."""
     recent = Job.objects.filter(kind=job.kind, status=Job.Status.SUCCEEDED, started__isnull=False).order_by("-finished")[:10]
     durations = [(done.finished - done.started).total_seconds() for done in recent]
     if not durations:
         return None
     typical = sum(durations) / len(durations)
-    position = queue_position(job)
     if position is None:
         return max(0.0, typical * (1.0 - job.progress))
     return typical * (position + 1)
@@ -429,6 +444,8 @@ def train_double(folder: Path, progress: ProgressCallback, cancel: CancelToken) 
 
 def save_portrait(job: Job, template: Template, image: Image.Image, identity: float | None) -> Portrait:
     """Stores a finished portrait and its thumbnail; a new row, so reruns never overwrite."""
+    if not Job.objects.filter(pk=job.pk, cancel_requested=False).exists():
+        raise Cancelled()  # cancelled, or the person deleted their data: write nothing
     out = io.BytesIO()
     image.convert("RGB").save(out, "JPEG", quality=92)
     portrait = Portrait(persona=job.persona, template=template, job=job, identity_similarity=identity)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mimetypes
 import posixpath
+import re
 from pathlib import Path
 
 from django.conf import settings
@@ -11,6 +12,7 @@ from django.contrib import messages
 from django.contrib.auth import login, logout
 from django.contrib.auth.decorators import login_required
 from django.core.files.storage import default_storage
+from django.db.models import Q
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.translation import gettext as _
@@ -20,14 +22,19 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from studio import health, services
 from studio.forms import DeleteDataForm, FaceConsentForm, PersonaForm, PhotoUploadForm, SignupForm, TemplateForm
 from studio.models import Job, Persona, Photo, Portrait, Template, owner_folder
+from studio.uploads import Refusal
 
 
 def home(request: HttpRequest) -> HttpResponse:
     if not request.user.is_authenticated:
         return render(request, "studio/landing.html")
+    return _home_page(request, PersonaForm())
+
+
+def _home_page(request: HttpRequest, form: PersonaForm, status: int = 200) -> HttpResponse:
     personas = Persona.objects.filter(owner=request.user)
-    context = {"personas": personas, "form": PersonaForm(), "jobs": services.active_jobs(request.user)}
-    return render(request, "studio/home.html", context)
+    context = {"personas": personas, "form": form, "jobs": services.active_jobs(request.user)}
+    return render(request, "studio/home.html", context, status=status)
 
 
 @require_http_methods(["GET", "POST"])
@@ -54,9 +61,7 @@ def login_locked_out(request: HttpRequest, original_response=None, credentials=N
 def persona_create(request: HttpRequest) -> HttpResponse:
     form = PersonaForm(request.POST)
     if not form.is_valid():
-        personas = Persona.objects.filter(owner=request.user)
-        context = {"personas": personas, "form": form, "jobs": services.active_jobs(request.user)}
-        return render(request, "studio/home.html", context, status=400)
+        return _home_page(request, form, status=400)
     persona = services.create_persona(request.user, form.cleaned_data["name"])
     return redirect("persona", persona_id=persona.id)
 
@@ -109,7 +114,10 @@ def photo_upload(request: HttpRequest, persona_id: int) -> HttpResponse:
     form = PhotoUploadForm(request.POST, request.FILES, room=settings.PHOTOS_PER_PERSONA - persona.photos.count())
     if not form.is_valid():
         return _persona_page(request, persona, upload_form=form, invalid=True)
-    refusals = services.add_photos(persona, form.cleaned_data["photos"])
+    try:
+        refusals = services.add_photos(persona, form.cleaned_data["photos"])
+    except services.NotAllowed as refusal:
+        return _persona_page(request, persona, refusals=[Refusal("", str(refusal))], invalid=True)
     return _persona_page(request, persona, refusals=refusals)
 
 
@@ -118,7 +126,10 @@ def photo_upload(request: HttpRequest, persona_id: int) -> HttpResponse:
 def photo_delete(request: HttpRequest, photo_id: int) -> HttpResponse:
     photo = get_object_or_404(Photo, id=photo_id, owner=request.user)
     persona = photo.persona
-    services.delete_photo(photo)
+    try:
+        services.delete_photo(photo)
+    except services.NotAllowed as refusal:
+        messages.error(request, str(refusal))
     return _persona_page(request, persona) if request.htmx else redirect("persona", persona_id=persona.id)
 
 
@@ -128,10 +139,18 @@ def account(request: HttpRequest) -> HttpResponse:
     return render(request, "studio/account.html")
 
 
+def _visible_template_file(request: HttpRequest, path: str) -> bool:
+    """A gallery file of a published template (staff also see drafts)."""
+    if not path.startswith("gallery/"):
+        return False
+    shown = Template.objects.filter(Q(image=path) | Q(thumbnail=path))
+    return request.user.is_staff or shown.filter(published=True).exists()
+
+
 @never_cache
 @require_GET
 def media_file(request: HttpRequest, path: str) -> FileResponse:
-    """Serves a stored file to its owner only; gallery files to anyone signed in.
+    """Serves a stored file to its owner only; published templates' files to anyone signed in.
 
     Ownership is read from the path: every person's file lives under users/<owner id>/
     (see studio.models). Anything else, including another person's file, is a 404.
@@ -139,7 +158,7 @@ def media_file(request: HttpRequest, path: str) -> FileResponse:
     if not request.user.is_authenticated or posixpath.normpath(path) != path or path.startswith(("/", "..")):
         raise Http404
     own_file = path.startswith(owner_folder(request.user.id) + "/")
-    if not (own_file or path.startswith("gallery/")) or not default_storage.exists(path):
+    if not (own_file or _visible_template_file(request, path)) or not default_storage.exists(path):
         raise Http404
     content_type, _encoding = mimetypes.guess_type(path)
     response = FileResponse(default_storage.open(path), content_type=content_type or "application/octet-stream")
@@ -163,10 +182,8 @@ def healthz(request: HttpRequest) -> JsonResponse:
 @require_POST
 def persona_build(request: HttpRequest, persona_id: int) -> HttpResponse:
     persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
-    persona.keep_photos = request.POST.get("keep_photos") == "on"
-    persona.save(update_fields=["keep_photos"])
     try:
-        services.request_training(persona)
+        services.request_training(persona, keep_photos=request.POST.get("keep_photos") == "on")
     except services.NotAllowed as refusal:
         messages.error(request, str(refusal))
     return redirect("persona", persona_id=persona.id)
@@ -180,7 +197,7 @@ def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
     job.refresh_from_db()
     if request.htmx:
         return render(request, "studio/_job.html", {"job": job})
-    return redirect(request.POST.get("next") or "home")
+    return redirect("home")
 
 
 @login_required
@@ -196,7 +213,7 @@ def gallery(request: HttpRequest) -> HttpResponse:
     tag = request.GET.get("tag", "").strip()
     templates = Template.objects.filter(published=True)
     if tag:
-        templates = templates.filter(tags__icontains=tag)
+        templates = templates.filter(tags__iregex=rf"(^|,)\s*{re.escape(tag)}\s*(,|$)")
     context = {
         "templates": templates,
         "tag": tag,
@@ -206,11 +223,16 @@ def gallery(request: HttpRequest) -> HttpResponse:
     return render(request, "studio/gallery.html", context)
 
 
+def _id(value: str | None) -> int:
+    """A primary key from form data; anything else becomes 0, which matches no row."""
+    return int(value) if value and value.isascii() and value.isdecimal() else 0
+
+
 @login_required
 @require_POST
 def portraits_request(request: HttpRequest) -> HttpResponse:
-    persona = get_object_or_404(Persona, id=request.POST.get("persona") or 0, owner=request.user)
-    ids = [int(value) for value in request.POST.getlist("templates") if value.isdigit()]
+    persona = get_object_or_404(Persona, id=_id(request.POST.get("persona")), owner=request.user)
+    ids = [_id(value) for value in request.POST.getlist("templates")]
     templates = list(Template.objects.filter(published=True, id__in=ids))
     try:
         services.request_portraits(persona, templates)
@@ -277,8 +299,7 @@ def portrait_delete(request: HttpRequest, portrait_id: int) -> HttpResponse:
 @require_POST
 def album_delete(request: HttpRequest, persona_id: int) -> HttpResponse:
     persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
-    for portrait in persona.portraits.all():
-        portrait.delete()
+    persona.portraits.all().delete()  # each row's post_delete removes its files
     return redirect("album")
 
 

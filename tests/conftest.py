@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import django_rq
 import pytest
 import torch
 from django.contrib.auth.models import User
 from django.test import Client
+from django.utils import translation
 
 from studio.models import Persona
 
@@ -13,6 +15,23 @@ PASSWORD = "correct horse battery staple"
 
 # Two torch threads on CI's two cores made tiny training steps swing from 0.06 s to 9 s.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def empty_redis():
+    """Every test starts and ends with the test redis-server empty: no queued job leaks across."""
+    connection = django_rq.get_connection("gpu")
+    connection.flushdb()
+    yield
+    connection.flushdb()
+
+
+@pytest.fixture(autouse=True)
+def english():
+    """Each test starts in English, whatever language an earlier test's request switched to."""
+    translation.activate("en")
+    yield
+    translation.deactivate()
 
 
 @pytest.fixture(autouse=True)

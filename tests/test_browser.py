@@ -97,9 +97,10 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner):
         page.check(f"input[name=templates][value='{second.id}']")
         page.click("button:has-text('Make my portraits')")
         page.evaluate("window.notReloaded = true")
+        page.screenshot(path=ARTIFACTS / "3-progress.png", full_page=True)  # the job, as it starts
         expect(page.locator("#album-live .portrait")).to_have_count(2)
         assert page.evaluate("window.notReloaded") is True
-        page.screenshot(path=ARTIFACTS / "3-album-live.png", full_page=True)
+        page.screenshot(path=ARTIFACTS / "4-album-live.png", full_page=True)
 
         page.reload()
         page.click(".album-group .portrait a >> nth=0")
@@ -118,7 +119,7 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner):
         expect(page.locator(".message")).to_contain_text("All your photos, doubles and portraits are deleted.")
         page.goto(site + "/album/")
         expect(page.locator("#album-empty")).to_be_visible()
-        page.screenshot(path=ARTIFACTS / "4-deleted.png", full_page=True)
+        page.screenshot(path=ARTIFACTS / "5-deleted.png", full_page=True)
         browser.close()
 
     assert not any(path.exists() for path in stored)

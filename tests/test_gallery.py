@@ -85,3 +85,20 @@ def test_asking_for_portraits_without_a_template_explains(owner_client, owner, d
     response = owner_client.post(reverse("portraits_request"), {"persona": persona.id}, follow=True)
     assert "Pick at least one template." in response.content.decode()
     assert not Job.objects.exists()
+
+
+def test_tag_filter_matches_whole_tags(owner_client, owner):
+    (art,) = demo_templates(owner, 1)
+    art.tags = "portrait, formal"
+    art.save()
+    assert art.title not in owner_client.get(reverse("gallery"), {"tag": "art"}).content.decode()
+    assert art.title in owner_client.get(reverse("gallery"), {"tag": "Portrait"}).content.decode()
+
+
+def test_unpublished_template_files_are_for_staff_only(owner_client, staff_client, owner):
+    (draft,) = demo_templates(owner, 1)
+    draft.published = False
+    draft.save()
+    for name in (draft.image.name, draft.thumbnail.name):
+        assert owner_client.get(reverse("media_file", args=[name])).status_code == 404
+        assert staff_client.get(reverse("media_file", args=[name])).status_code == 200

@@ -10,21 +10,18 @@ from pathlib import Path
 import django_rq
 import pytest
 from django.conf import settings
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
 from studio import jobs, services
 from studio.models import Job, Persona, Photo, Portrait
-from tests.jobs_fixtures import demo_templates, persona_with_photos, ready_persona
+from tests.jobs_fixtures import FACES, demo_templates, persona_with_photos, ready_persona
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture(autouse=True)
-def empty_queue():
-    django_rq.get_connection("gpu").flushdb()
-    yield
-    django_rq.get_connection("gpu").flushdb()
 
 
 def queued_ids() -> list[str]:
@@ -49,9 +46,7 @@ def test_classic_double_keeps_crops_and_deletes_selfies(owner):
 
 def test_keep_my_photos_keeps_them(owner):
     persona = persona_with_photos(owner)
-    persona.keep_photos = True
-    persona.save()
-    jobs.build_double(services.request_training(persona).id)
+    jobs.build_double(services.request_training(persona, keep_photos=True).id)
     assert persona.photos.count() == 5
 
 
@@ -181,3 +176,40 @@ def test_delete_data_needs_confirmation(owner_client, owner):
     assert response.status_code == 400
     assert "Tick the box to confirm." in response.content.decode()
     assert Persona.objects.filter(pk=persona.pk).exists()
+
+
+def test_cancel_view_owner_other_anonymous(owner, owner_client, other_client):
+    job = services.request_training(persona_with_photos(owner))
+    assert other_client.post(reverse("job_cancel", args=[job.pk])).status_code == 404
+    assert Client().post(reverse("job_cancel", args=[job.pk])).status_code == 302
+    assert Job.objects.get(pk=job.pk).status == "queued"
+    response = owner_client.post(reverse("job_cancel", args=[job.pk]), {"next": "https://evil.example/"})
+    assert response["Location"] == reverse("home")
+    assert Job.objects.get(pk=job.pk).status == "cancelled"
+
+
+def test_build_submitted_twice_queues_one_job(owner):
+    persona = persona_with_photos(owner)
+    services.request_training(persona)
+    with pytest.raises(services.NotAllowed, match="already being built"):
+        services.request_training(Persona.objects.get(pk=persona.pk))
+    assert Job.objects.filter(persona=persona).count() == 1
+
+
+def test_photos_are_fixed_once_the_build_is_queued(owner, owner_client):
+    persona = persona_with_photos(owner)
+    services.request_training(persona)
+    photo = persona.photos.first()
+    owner_client.post(reverse("photo_delete", args=[photo.pk]))
+    assert Photo.objects.filter(pk=photo.pk).exists()
+    upload = SimpleUploadedFile("more.jpg", (FACES / "obama_small.jpg").read_bytes())
+    response = owner_client.post(reverse("photo_upload", args=[persona.pk]), {"photos": [upload]})
+    assert response.status_code == 400
+    assert "cannot change while it is being built" in response.content.decode()
+    assert persona.photos.count() == 5
+
+
+@pytest.mark.parametrize("value", ["abc", "²", "", "-1"])
+def test_portrait_request_with_odd_ids_is_a_404_not_a_500(owner_client, value):
+    response = owner_client.post(reverse("portraits_request"), {"persona": value, "templates": [value]})
+    assert response.status_code == 404

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import django_rq
 import pytest
 from safetensors.torch import load_file
 
@@ -26,7 +25,6 @@ def tiny_diffusion(settings, tmp_path):
     services.diffusion_engine.cache_clear()
     yield
     services.diffusion_engine.cache_clear()
-    django_rq.get_connection("gpu").flushdb()
 
 
 def test_diffusion_double_and_portrait(owner, tiny_diffusion):

@@ -14,15 +14,9 @@ from studio import services
 from tests.processes import start_worker
 
 
-@pytest.fixture
-def empty_queues():
-    connection = django_rq.get_connection("gpu")
-    connection.flushdb()
-    yield
-    connection.flushdb()
 
 
-def test_gpu_jobs_get_the_long_timeout_and_failure_ttl(empty_queues):
+def test_gpu_jobs_get_the_long_timeout_and_failure_ttl():
     job = services.enqueue("gpu", "operator.add", 2, 3)
     assert job.timeout == settings.GPU_JOB_TIMEOUT_S > 180
     assert job.failure_ttl == settings.JOB_FAILURE_TTL_S
@@ -30,7 +24,7 @@ def test_gpu_jobs_get_the_long_timeout_and_failure_ttl(empty_queues):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_documented_worker_command_runs_jobs_from_both_queues(empty_queues):
+def test_documented_worker_command_runs_jobs_from_both_queues():
     gpu_job = services.enqueue("gpu", "operator.add", 2, 3)
     default_job = services.enqueue("default", "operator.mul", 4, 5)
     worker = start_worker("--burst")
@@ -43,7 +37,7 @@ def test_documented_worker_command_runs_jobs_from_both_queues(empty_queues):
 
 
 @pytest.mark.django_db
-def test_healthz_without_worker_is_503(empty_queues):
+def test_healthz_without_worker_is_503():
     response = Client().get("/healthz")
     body = response.json()
     assert response.status_code == 503
@@ -52,7 +46,7 @@ def test_healthz_without_worker_is_503(empty_queues):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_healthz_with_live_worker_is_200(empty_queues):
+def test_healthz_with_live_worker_is_200():
     worker = start_worker()
     try:
         deadline = time.monotonic() + 60
@@ -67,7 +61,7 @@ def test_healthz_with_live_worker_is_200(empty_queues):
 
 
 @pytest.mark.django_db
-def test_healthz_reports_redis_down(empty_queues, monkeypatch):
+def test_healthz_reports_redis_down(monkeypatch):
     monkeypatch.setitem(settings.RQ_QUEUES["gpu"], "URL", "redis://127.0.0.1:1/0")
     body = Client().get("/healthz").json()
     assert body["ok"] is False

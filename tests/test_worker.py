@@ -6,7 +6,6 @@ import re
 import signal
 import time
 
-import django_rq
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
@@ -22,11 +21,6 @@ from tests.processes import start_worker
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture(autouse=True)
-def empty_queue():
-    django_rq.get_connection("gpu").flushdb()
-    yield
-    django_rq.get_connection("gpu").flushdb()
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 from django import template
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 from django.utils.translation import gettext_lazy
 
 from studio import services
@@ -10,9 +11,10 @@ register = template.Library()
 # The pipeline's stage names, as a person reads them.
 STAGES = {
     "preprocess": gettext_lazy("Preparing photos"),
-    "train": gettext_lazy("Training"),
-    "validate": gettext_lazy("Checking the likeness"),
-    "fuse": gettext_lazy("Finishing"),
+    "caching": gettext_lazy("Preparing photos"),
+    "training": gettext_lazy("Training"),
+    "validating": gettext_lazy("Checking the likeness"),
+    "fusing": gettext_lazy("Finishing"),
     "portrait": gettext_lazy("Rendering portraits"),
 }
 
@@ -21,11 +23,16 @@ STAGES = {
 def job_state(job: Job) -> str:
     """Where a job stands in words: its place in the queue, or its stage, and an ETA."""
     position = services.queue_position(job)
-    eta = services.estimated_seconds(job)
+    eta = services.estimated_seconds(job, position)
     if position is not None:
-        text = _("Waiting: %(count)d ahead of you.") % {"count": position}
+        text = ngettext("Waiting: %(count)d job ahead of you.", "Waiting: %(count)d jobs ahead of you.", position) % {
+            "count": position
+        }
     else:
         text = str(STAGES.get(job.stage, _("Working")))
     if eta is not None:
-        text += " " + _("About %(minutes)d min left.") % {"minutes": max(1, round(eta / 60))}
+        minutes = max(1, round(eta / 60))
+        text += " " + ngettext("About %(minutes)d minute left.", "About %(minutes)d minutes left.", minutes) % {
+            "minutes": minutes
+        }
     return text
