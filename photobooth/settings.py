@@ -185,7 +185,7 @@ RQ_QUEUES = {
 RQ_SHOW_ADMIN_LINK = True
 # A worker that does not fork: models stay loaded between jobs, and CUDA never meets fork().
 RQ = {"WORKER_CLASS": "studio.worker.StudioWorker"}
-# A running job reports progress (its heartbeat) at least this often, or it is taken as lost.
+# A running job's worker marks it alive three times per this period; silent longer, it is lost.
 JOB_HEARTBEAT_TIMEOUT_S = env_int("JOB_HEARTBEAT_TIMEOUT_S", 150, minimum=5)
 # "diffusion" when the models in MODEL_DIR are all present, else "classic"; or force one.
 PORTRAIT_ENGINE = env_str("PORTRAIT_ENGINE", "auto")

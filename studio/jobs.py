@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
 import traceback
 import zipfile
@@ -21,7 +22,7 @@ from typing import Callable
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from PIL import Image
 
@@ -60,14 +61,37 @@ class JobReporter:
         self._last = now
         self.job.stage = progress.stage[:40]
         self.job.progress = min(1.0, max(0.0, progress.fraction))
-        self.job.heartbeat = timezone.now()
-        Job.objects.filter(pk=self.job.pk).update(
-            stage=self.job.stage, progress=self.job.progress, heartbeat=self.job.heartbeat
-        )
+        Job.objects.filter(pk=self.job.pk).update(stage=self.job.stage, progress=self.job.progress)
         if not Job.objects.filter(pk=self.job.pk, cancel_requested=False).exists():
             self.cancel.cancel()  # cancelled from the page, or the person deleted their data
         services.publish_job(self.job)
         self.cancel.raise_if_cancelled()
+
+
+class Heartbeat(threading.Thread):
+    """Marks the job alive (a third of JOB_HEARTBEAT_TIMEOUT_S apart) while its worker process lives.
+
+    Independent of progress reports, so a long silent step (loading models) is not taken for a
+    lost worker; a killed worker stops beating and studio.services.recover_abandoned_jobs fails
+    its job.
+    """
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-job-{job_id}")
+        self.job_id = job_id
+        self.interval_s = settings.JOB_HEARTBEAT_TIMEOUT_S / 3
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._stopped.wait(self.interval_s):
+                Job.objects.filter(pk=self.job_id).update(heartbeat=timezone.now())
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(timeout=5)
 
 
 def _finish(job: Job, status: str, **fields) -> None:
@@ -86,6 +110,8 @@ def run_job(job_id: int, work: Callable[[Job, JobReporter], None]) -> None:
         return  # deleted or cancelled while it waited
     job = Job.objects.select_related("persona").get(pk=job_id)
     services.publish_job(job)
+    heartbeat = Heartbeat(job.pk)
+    heartbeat.start()
     try:
         work(job, JobReporter(job))
     except Cancelled:
@@ -102,6 +128,7 @@ def run_job(job_id: int, work: Callable[[Job, JobReporter], None]) -> None:
     else:
         _finish(job, Job.Status.SUCCEEDED, progress=1.0)
     finally:
+        heartbeat.stop()
         services.dispatch_waiting_jobs()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -39,6 +40,9 @@ from pipeline.train import TrainConfig, ValidationTemplate, read_preprocessed, t
 from pipeline.preprocess import PreprocessResult, preprocess, write_preprocessed
 from studio.models import FaceConsent, Job, Persona, Photo, Portrait, Template, owner_folder
 from studio.uploads import Refusal, RefusedFile, clean_photo
+
+
+log = logging.getLogger(__name__)
 
 
 def user_group(user_id: int) -> str:
@@ -104,7 +108,7 @@ def add_photos(persona: Persona, uploads: list[UploadedFile]) -> list[Refusal]:
     """
     _check_photos_can_change(persona)
     refusals: list[Refusal] = []
-    stored = 0
+    stored: list[Photo] = []
     for upload in uploads:
         try:
             jpeg = clean_photo(upload)
@@ -113,9 +117,15 @@ def add_photos(persona: Persona, uploads: list[UploadedFile]) -> list[Refusal]:
             continue
         photo = Photo(persona=persona)
         photo.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=True)
-        stored += 1
+        stored.append(photo)
     if stored:
-        analyse_persona(persona)
+        try:
+            analyse_persona(persona)
+        except Exception:
+            log.exception("analysing the photos of persona %s failed", persona.pk)
+            for photo in stored:
+                photo.delete()  # and its file: nothing half-done stays
+            raise NotAllowed(_("We could not analyse these photos just now. Please try again.")) from None
     return refusals
 
 
@@ -342,6 +352,9 @@ def create_template(title: str, tags: str, jpeg: bytes, uploaded_by: AbstractBas
 
 
 def _store_template(template: Template, jpeg: bytes, face_boxes: list, uploaded_by: AbstractBaseUser) -> None:
+    """Saves the image and thumbnail under new names; a replaced pair is deleted after commit."""
+    old_files = [] if template._state.adding else list(Template.objects.filter(pk=template.pk).values_list("image", "thumbnail")[0])
+    transaction.on_commit(lambda: [default_storage.delete(name) for name in old_files if name])
     template.uploaded_by = uploaded_by
     template.face_boxes = face_boxes
     template.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=False)

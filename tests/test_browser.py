@@ -104,8 +104,9 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner):
 
         page.reload()
         page.click(".album-group .portrait a >> nth=0")
+        page.wait_for_url("**/portraits/*/")
         with page.expect_download() as download:
-            page.click("a:has-text('Download')")
+            page.click("a[href$='/download/']")
         saved = ARTIFACTS / "downloaded-portrait.jpg"
         download.value.save_as(saved)
         assert saved.stat().st_size > 10_000
