@@ -175,7 +175,8 @@ CHANNEL_LAYERS = {
 
 # Job queues. RQ's 180 s default would kill a training run: each queue has its own limit,
 # and failed jobs stay for staff to read for JOB_FAILURE_TTL_HOURS.
-GPU_JOB_TIMEOUT_S = env_int("GPU_JOB_TIMEOUT_S", 2 * 3600, minimum=60)
+GPU_JOB_TIMEOUT_S = env_int("GPU_JOB_TIMEOUT_S", 2 * 3600, minimum=60)  # building a double
+PORTRAIT_JOB_TIMEOUT_S = env_int("PORTRAIT_JOB_TIMEOUT_S", 30 * 60, minimum=60)  # one portrait request
 DEFAULT_JOB_TIMEOUT_S = env_int("DEFAULT_JOB_TIMEOUT_S", 600, minimum=10)
 JOB_FAILURE_TTL_S = env_int("JOB_FAILURE_TTL_HOURS", 7 * 24, minimum=1) * 3600
 RQ_QUEUES = {

@@ -22,9 +22,10 @@ from typing import Callable
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 from PIL import Image
+import redis
 
 from pipeline.common import CancelToken, Cancelled, Progress, gettext_noop
 from pipeline.generate import GenerateConfig, analyse_template, load_persona, render_portraits
@@ -38,6 +39,11 @@ FAILED_OUT_OF_MEMORY = gettext_noop(
     "The graphics card ran out of memory while working on this. Please try again in a few minutes."
 )
 FAILED_UNEXPECTEDLY = gettext_noop("Something went wrong on our side. You can try again; our staff can see what happened.")
+
+
+# Failures that say nothing about the job itself: the job goes back in line, MAX_RETRIES times.
+TRANSIENT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError, InterfaceError)
+MAX_RETRIES = 2
 
 
 class JobReporter:
@@ -119,17 +125,28 @@ def run_job(job_id: int, work: Callable[[Job, JobReporter], None]) -> None:
             return  # the person deleted their data: nothing of theirs may be written again
         services.reset_persona_after_stop(job, Persona.Status.CANCELLED)
         _finish(job, Job.Status.CANCELLED)
+    except TRANSIENT_ERRORS as error:
+        if job.attempts >= MAX_RETRIES:
+            _fail(job, error)
+            raise
+        log.warning("job %s met a passing failure (%r); it goes back in line", job.pk, error)
+        services.retry_job(job)
+        raise  # RQ keeps this attempt's traceback
     except Exception as error:
-        log.exception("job %s failed", job.pk)
-        message = FAILED_OUT_OF_MEMORY if _is_out_of_memory(error) else FAILED_UNEXPECTEDLY
-        services.reset_persona_after_stop(job, Persona.Status.FAILED)
-        _finish(job, Job.Status.FAILED, error_for_person=message, error_detail=traceback.format_exc())
+        _fail(job, error)
         raise  # RQ keeps the traceback in its failed registry for staff
     else:
         _finish(job, Job.Status.SUCCEEDED, progress=1.0)
     finally:
         heartbeat.stop()
         services.dispatch_waiting_jobs()
+
+
+def _fail(job: Job, error: Exception) -> None:
+    log.exception("job %s failed", job.pk)
+    message = FAILED_OUT_OF_MEMORY if _is_out_of_memory(error) else FAILED_UNEXPECTEDLY
+    services.reset_persona_after_stop(job, Persona.Status.FAILED)
+    _finish(job, Job.Status.FAILED, error_for_person=message, error_detail=traceback.format_exc())
 
 
 def _is_out_of_memory(error: Exception) -> bool:

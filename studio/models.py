@@ -191,6 +191,7 @@ class Job(PersonaPart):
     progress = models.FloatField(_("progress"), default=0.0)
     rq_job_id = models.CharField(_("RQ job id"), max_length=64, blank=True)
     cancel_requested = models.BooleanField(_("cancel requested"), default=False)
+    attempts = models.PositiveSmallIntegerField(_("retries after passing failures"), default=0)
     # Written with every progress report; a running job whose heartbeat stops has lost its worker.
     heartbeat = models.DateTimeField(_("heartbeat"), null=True, blank=True)
     started = models.DateTimeField(_("started"), null=True, blank=True)

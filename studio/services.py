@@ -25,6 +25,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
+from django.db.models import F
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -74,14 +75,16 @@ def publish_job(job: Job) -> None:
     _send(job.owner_id, render_to_string("studio/_job.html", {"job": job, "oob": True}))
 
 
-def enqueue(queue_name: str, func: Callable[..., Any] | str, *args: Any, job_id: str | None = None) -> RQJob:
-    """Puts work on an RQ queue with that queue's timeout and the failure TTL from settings."""
+def enqueue(
+    queue_name: str, func: Callable[..., Any] | str, *args: Any, job_id: str | None = None, timeout_s: int | None = None
+) -> RQJob:
+    """Puts work on an RQ queue with a timeout (default: the queue's) and the failure TTL from settings."""
     queue = django_rq.get_queue(queue_name)
     return queue.enqueue(
         func,
         *args,
         job_id=job_id,
-        job_timeout=settings.RQ_QUEUES[queue_name]["DEFAULT_TIMEOUT"],
+        job_timeout=timeout_s or settings.RQ_QUEUES[queue_name]["DEFAULT_TIMEOUT"],
         failure_ttl=settings.JOB_FAILURE_TTL_S,
     )
 
@@ -180,6 +183,11 @@ def delete_photo(photo: Photo) -> None:
 # --- Jobs: requests, fair dispatch, cancel, recovery -------------------------------------
 
 JOB_FUNCTIONS = {Job.Kind.TRAIN: "studio.jobs.build_double", Job.Kind.GENERATE: "studio.jobs.make_portraits"}
+
+
+def job_timeout_s(kind: str) -> int:
+    """Training may take the gpu queue's whole limit; a portrait request far less."""
+    return settings.GPU_JOB_TIMEOUT_S if kind == Job.Kind.TRAIN else settings.PORTRAIT_JOB_TIMEOUT_S
 RETRYABLE_PERSONA = (Persona.Status.DRAFT, Persona.Status.FAILED, Persona.Status.CANCELLED)
 
 
@@ -257,7 +265,8 @@ def dispatch_waiting_jobs() -> None:
                 continue
             busy.add(job.owner_id)
             rq_job_id = f"photobooth-job-{job.id}-{uuid.uuid4().hex[:8]}"
-            enqueue("gpu", JOB_FUNCTIONS[job.kind], job.id, job_id=rq_job_id)  # first: a failure leaves it waiting
+            # Enqueue first: if Redis fails here, the job stays waiting instead of stuck.
+            enqueue("gpu", JOB_FUNCTIONS[job.kind], job.id, job_id=rq_job_id, timeout_s=job_timeout_s(job.kind))
             Job.objects.filter(pk=job.pk).update(rq_job_id=rq_job_id)
 
 
@@ -278,6 +287,15 @@ def cancel_job(job: Job) -> None:
         dispatch_waiting_jobs()
     else:
         Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(cancel_requested=True)
+
+
+def retry_job(job: Job) -> None:
+    """Puts a job that met a passing failure back in line (studio.jobs decides what passes)."""
+    Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(
+        status=Job.Status.QUEUED, rq_job_id="", attempts=F("attempts") + 1, progress=0.0, stage=""
+    )
+    job.refresh_from_db()
+    publish_job(job)
 
 
 def recover_abandoned_jobs() -> int:

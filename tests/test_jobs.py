@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import django_rq
+import redis
 import pytest
 from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -213,3 +214,32 @@ def test_photos_are_fixed_once_the_build_is_queued(owner, owner_client):
 def test_portrait_request_with_odd_ids_is_a_404_not_a_500(owner_client, value):
     response = owner_client.post(reverse("portraits_request"), {"persona": value, "templates": [value]})
     assert response.status_code == 404
+
+
+def test_passing_failure_puts_the_job_back_in_line_then_fails(owner, monkeypatch):
+    """A lost Redis or database connection is retried MAX_RETRIES times, then reported."""
+    persona = persona_with_photos(owner)
+    job = services.request_training(persona)
+
+    def connection_lost(*args):
+        raise redis.exceptions.ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(jobs, "unpack_preprocessed", connection_lost)
+    for attempt in range(jobs.MAX_RETRIES):
+        with pytest.raises(redis.exceptions.ConnectionError):
+            jobs.build_double(job.id)
+        job.refresh_from_db()
+        assert (job.status, job.attempts) == ("queued", attempt + 1)
+        assert job.rq_job_id and job.rq_job_id in queued_ids()  # dispatched again
+    with pytest.raises(redis.exceptions.ConnectionError):
+        jobs.build_double(job.id)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_for_person == jobs.FAILED_UNEXPECTEDLY
+
+
+def test_each_job_kind_has_its_own_timeout(owner, settings):
+    persona = ready_persona(owner)
+    django_rq.get_queue("gpu").empty()
+    job = services.request_portraits(persona, demo_templates(owner, 1))
+    rq_job = django_rq.get_queue("gpu").fetch_job(Job.objects.get(pk=job.pk).rq_job_id)
+    assert rq_job.timeout == settings.PORTRAIT_JOB_TIMEOUT_S != settings.GPU_JOB_TIMEOUT_S
