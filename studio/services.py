@@ -37,11 +37,10 @@ from pipeline.common import Cancelled, CancelToken, ProgressCallback, gettext_no
 from pipeline.faces import FaceAnalyzer, largest_face_embeddings, load_face_analyzer
 from pipeline.generate import DiffusionEngine, analyse_template
 from pipeline.models import check_models, load_models
-from pipeline.train import TrainConfig, ValidationTemplate, read_preprocessed, train_persona
 from pipeline.preprocess import PreprocessResult, preprocess, write_preprocessed
+from pipeline.train import TrainConfig, ValidationTemplate, read_preprocessed, train_persona
 from studio.models import FaceConsent, Job, Persona, Photo, Portrait, Template, owner_folder
 from studio.uploads import Refusal, RefusedFile, clean_photo
-
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +155,10 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
                 photo.save(update_fields=["status", "reason_code", "analysis"])
             old = persona.preprocessed.name
             with open(archive, "rb") as zipped:
-                persona.preprocessed.save(f"preprocessed-{persona.id}.zip", File(zipped), save=True)
+                persona.preprocessed.save(f"preprocessed-{persona.id}.zip", File(zipped), save=False)
+            persona.save(update_fields=["preprocessed"])
             if old:
-                transaction.on_commit(lambda: persona.preprocessed.storage.delete(old))
+                transaction.on_commit(lambda: default_storage.delete(old))
     finally:
         os.unlink(archive)
     return result
@@ -177,7 +177,8 @@ def delete_photo(photo: Photo) -> None:
     if persona.photos.exists():
         analyse_persona(persona)
     elif persona.preprocessed:
-        persona.preprocessed.delete(save=True)
+        persona.preprocessed.delete(save=False)
+        persona.save(update_fields=["preprocessed"])
 
 
 # --- Jobs: requests, fair dispatch, cancel, recovery -------------------------------------
@@ -188,6 +189,8 @@ JOB_FUNCTIONS = {Job.Kind.TRAIN: "studio.jobs.build_double", Job.Kind.GENERATE: 
 def job_timeout_s(kind: str) -> int:
     """Training may take the gpu queue's whole limit; a portrait request far less."""
     return settings.GPU_JOB_TIMEOUT_S if kind == Job.Kind.TRAIN else settings.PORTRAIT_JOB_TIMEOUT_S
+
+
 RETRYABLE_PERSONA = (Persona.Status.DRAFT, Persona.Status.FAILED, Persona.Status.CANCELLED)
 
 
@@ -232,7 +235,7 @@ def request_training(persona: Persona, keep_photos: bool = False) -> Job:
             raise NotAllowed(_("This double is already being built or is ready."))
         persona.status, persona.keep_photos = Persona.Status.QUEUED, keep_photos
         job = Job.objects.create(persona=persona, kind=Job.Kind.TRAIN)
-        transaction.on_commit(dispatch_waiting_jobs)
+        transaction.on_commit(dispatch_waiting_jobs, robust=True)  # Redis down: it waits, logged
     return job
 
 
@@ -244,7 +247,7 @@ def request_portraits(persona: Persona, templates: list[Template]) -> Job:
     with transaction.atomic():
         job = Job.objects.create(persona=persona, kind=Job.Kind.GENERATE)
         job.templates.set(templates)
-        transaction.on_commit(dispatch_waiting_jobs)
+        transaction.on_commit(dispatch_waiting_jobs, robust=True)  # Redis down: it waits, logged
     return job
 
 
@@ -301,14 +304,19 @@ def retry_job(job: Job) -> None:
 def recover_abandoned_jobs() -> int:
     """Fails running jobs whose worker stopped sending heartbeats (killed, machine lost)."""
     limit = timezone.now() - timedelta(seconds=settings.JOB_HEARTBEAT_TIMEOUT_S)
-    abandoned = list(Job.objects.filter(status=Job.Status.RUNNING, heartbeat__lt=limit).select_related("persona"))
-    for job in abandoned:
-        job.status, job.finished = Job.Status.FAILED, timezone.now()
-        job.error_for_person = WORKER_LOST
-        job.error_detail = f"No heartbeat since {job.heartbeat.isoformat()}; the worker was lost."
-        job.save(update_fields=["status", "finished", "error_for_person", "error_detail"])
-        reset_persona_after_stop(job, Persona.Status.FAILED)
-        publish_job(job)
+    abandoned = []
+    for job in Job.objects.filter(status=Job.Status.RUNNING, heartbeat__lt=limit).select_related("persona"):
+        failed = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, heartbeat__lt=limit).update(
+            status=Job.Status.FAILED,
+            finished=timezone.now(),
+            error_for_person=WORKER_LOST,
+            error_detail=f"No heartbeat since {job.heartbeat.isoformat()}; the worker was lost.",
+        )
+        if failed:  # not finished or beating again in the meantime
+            job.refresh_from_db()
+            reset_persona_after_stop(job, Persona.Status.FAILED)
+            publish_job(job)
+            abandoned.append(job)
     if abandoned:
         dispatch_waiting_jobs()
     return len(abandoned)
