@@ -30,12 +30,13 @@ every portrait. Per persona the LoRA is fused into the weights once through diff
 at its scale, unload: rank x checkpoints of LoRA matmuls would otherwise run at every step) and the
 fused weights are kept (`FusedLora`): each render call copies them in and the originals back, so
 the resident models are exactly as before between calls (a bf16 unfuse would not be exact) and a
-persona's next call costs two memory copies, not a LoRA load. The prompt is encoded once per call
-for both passes. A batch of templates renders in one pipeline call per pass. On CUDA:
-channels_last, cuDNN autotuning, and the UNet and ControlNet forwards replayed as CUDA graphs
-(`GraphedForward`), because at these sizes the GPU waits on kernel launches. The graphs are
-installed only while the engine renders, so training on the same resident models never sees
-them, and they survive persona changes because the LoRA swaps write the weights in place.
+persona's next call costs two memory copies, not a LoRA load. Each template's prompt (its own
+words with the defaults, `portrait_prompts`) is encoded once per call for both passes. A batch of
+templates renders in one pipeline call per pass. On CUDA: channels_last, cuDNN autotuning, and the
+UNet, ControlNet and VAE encoder/decoder forwards replayed as CUDA graphs (`GraphedForward`),
+because at these sizes the GPU waits on kernel launches. The graphs are installed only while the
+engine renders, so training on the same resident models never sees them, and they survive persona
+changes because the LoRA swaps write the weights in place.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.common import CancelToken, Progress, ProgressCallback, gettext_noop, ignore_progress
+from pipeline.cudagraphs import GraphedForward
 from pipeline.faces import Face, FaceAnalyzer, load_face_analyzer
 from pipeline.preprocess import PreprocessConfig, crop_around_face, load_photo, no_restoration
 
@@ -108,6 +110,7 @@ class GenerateConfig:
     pass2: InpaintPass = InpaintPass((("canny", 1.0), ("tile", 1.0)), 0.30, 20)
     seed: int = 0
     cuda_graphs: bool = True
+    channels_last: bool = True  # UNet, VAE and ControlNet memory format (CUDA only)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -123,10 +126,17 @@ class TemplateRefused(ValueError):
 
 @dataclass(frozen=True)
 class TemplateFaces:
-    """A template image and its faces, largest first; portraits replace the first."""
+    """A template image and its faces, largest first; portraits replace the first.
+
+    `prompt` and `negative_prompt` are the template's own words (staff write them with the
+    template), used with the configuration's defaults by the diffusion engine (EasyPhoto's
+    "additional prompt"); the classic engine has no prompt.
+    """
 
     image: Image.Image
     faces: list[Face]
+    prompt: str = ""
+    negative_prompt: str = ""
 
     @property
     def face(self) -> Face:
@@ -137,7 +147,9 @@ class TemplateFaces:
         return [[round(v, 1) for v in face.box] for face in self.faces]
 
 
-def analyse_template(image: Image.Image, analyzer: FaceAnalyzer) -> TemplateFaces:
+def analyse_template(
+    image: Image.Image, analyzer: FaceAnalyzer, prompt: str = "", negative_prompt: str = ""
+) -> TemplateFaces:
     """Finds the template's faces for the staff upload; refuses one with no usable face."""
     image = image.convert("RGB")
     faces = analyzer.analyze(image)
@@ -145,7 +157,15 @@ def analyse_template(image: Image.Image, analyzer: FaceAnalyzer) -> TemplateFace
         raise TemplateRefused("no_face")
     if faces[0].width < analyzer.thresholds.min_face_size:
         raise TemplateRefused("face_too_small")
-    return TemplateFaces(image, faces)
+    return TemplateFaces(image, faces, prompt.strip(), negative_prompt.strip())
+
+
+def portrait_prompts(caption: str, template: TemplateFaces, config: GenerateConfig) -> tuple[str, str]:
+    """(prompt, negative prompt) of one portrait: the persona's trigger phrase, the template's own
+    words, then the defaults (CLIP reads 77 tokens: what comes first is never cut off)."""
+    prompt = ", ".join(part for part in (caption, template.prompt, config.prompt) if part)
+    negative = ", ".join(part for part in (template.negative_prompt, config.negative_prompt) if part)
+    return prompt, negative
 
 
 @dataclass(frozen=True)
@@ -411,75 +431,6 @@ def paste_back(
 # --------------------------------------------------------------------------- diffusion engine
 
 
-class GraphedForward:
-    """A module's forward replayed as CUDA graphs, one per input signature (shapes and constants).
-
-    The first WARMUP calls of a signature run eagerly (cuDNN autotuning, lazy initialisation), the
-    next captures; later calls copy their tensors into the graph's static
-    inputs and replay. Outputs are copies, so callers may keep them. If capture fails the module
-    stays eager for good. Install with `installed()`: the module's forward is replaced only inside.
-    """
-
-    WARMUP = 2
-
-    def __init__(self, module: torch.nn.Module, pool) -> None:
-        self.module = module
-        self.pool = pool
-        self.graphs: dict[tuple, tuple] = {}
-        self.calls: dict[tuple, int] = {}
-        self.failed = False
-        self.weights = self._weight_pointers()
-
-    def _weight_pointers(self) -> list[int]:
-        return [p.data_ptr() for p in self.module.parameters()]
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        # Graphs read weights at fixed addresses: if anything re-allocated them, capture anew.
-        pointers = self._weight_pointers()
-        if pointers != self.weights:
-            self.graphs.clear()
-            self.calls.clear()
-            self.weights = pointers
-        self.module.forward = self
-        try:
-            yield
-        finally:
-            del self.module.forward
-
-    def __call__(self, *args, **kwargs):
-        import torch
-        from torch.utils._pytree import tree_flatten, tree_unflatten
-
-        eager = type(self.module).forward.__get__(self.module)
-        if self.failed or torch.is_grad_enabled():
-            return eager(*args, **kwargs)
-        leaves, spec = tree_flatten((args, kwargs))
-        key = (str(spec), *((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for v in leaves))
-        if key in self.graphs:
-            graph, static_leaves, static_out = self.graphs[key]
-            for static, value in zip(static_leaves, leaves):
-                if isinstance(static, torch.Tensor):
-                    static.copy_(value)
-            graph.replay()
-            outputs, out_spec = tree_flatten(static_out)
-            return tree_unflatten([t.clone() for t in outputs], out_spec)
-        self.calls[key] = self.calls.get(key, 0) + 1
-        if self.calls[key] <= self.WARMUP:
-            return eager(*args, **kwargs)
-        static_leaves = [v.clone() if isinstance(v, torch.Tensor) else v for v in leaves]
-        static_args, static_kwargs = tree_unflatten(static_leaves, spec)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                static_out = eager(*static_args, **static_kwargs)
-        except RuntimeError:
-            self.failed = True
-            return eager(*args, **kwargs)
-        self.graphs[key] = (graph, static_leaves, static_out)
-        return self(*args, **kwargs)
-
-
 @dataclass
 class DiffusionEngine:
     """Both inpaint pipelines, built once from the resident components and shared by every portrait."""
@@ -517,11 +468,13 @@ class DiffusionEngine:
         if models.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             nets = {id(net): net for pipe in (engine.pass1, engine.pass2) for net in pipe.controlnet.nets}
+            layout = torch.channels_last if config.channels_last else torch.contiguous_format
             for module in (models.unet, models.vae, *nets.values()):
-                module.to(memory_format=torch.channels_last)
+                module.to(memory_format=layout)
             if config.cuda_graphs:
                 pool = torch.cuda.graph_pool_handle()
-                engine.graphed = [GraphedForward(m, pool) for m in (models.unet, *nets.values())]
+                coders = (models.vae.encoder, models.vae.decoder)
+                engine.graphed = [GraphedForward(m, pool) for m in (models.unet, *nets.values(), *coders)]
         return engine
 
     @property
@@ -543,13 +496,14 @@ class DiffusionEngine:
                 stack.enter_context(graphed.installed())
             yield
 
-    def encode_prompt(self, prompt: str, negative_prompt: str, count: int):
-        """(prompt, negative) embeddings for `count` images, computed once for both passes."""
+    def encode_prompt(self, prompts: list[tuple[str, str]]):
+        """(prompt, negative) embeddings, one row per image, computed once for both passes."""
         import torch
 
         with torch.no_grad():
-            positive, negative = self.pass1.encode_prompt(prompt, self.device, 1, True, negative_prompt)
-        return positive.repeat(count, 1, 1), negative.repeat(count, 1, 1)
+            return self.pass1.encode_prompt(
+                [p for p, _ in prompts], self.device, 1, True, [n for _, n in prompts]
+            )
 
 
 @dataclass
@@ -672,6 +626,7 @@ def _classic(crop: TemplateCrop, persona: Persona, config: GenerateConfig) -> _R
 def _diffusion(
     engine: DiffusionEngine,
     crops: list[TemplateCrop],
+    prompts: list[tuple[str, str]],
     persona: Persona,
     pose_face: Face,
     config: GenerateConfig,
@@ -690,8 +645,9 @@ def _diffusion(
         "openpose": [pose_control(pasted_landmarks(pose_face, c.face), size) for c in crops],
     }
     masks1 = [inpaint_mask(c.face, s, config) for c, s in zip(crops, shapes)]
-    embeds = engine.encode_prompt(f"{persona.caption}, {config.prompt}", config.negative_prompt, len(crops))
+    embeds = engine.encode_prompt(prompts)
     cancel.raise_if_cancelled()
+    progress(Progress("pass 1", 0.0))
     generated = inpaint(
         engine.pass1, config.pass1, first, masks1, controls, embeds, config,
         lambda f: progress(Progress("pass 1", min(f, 1.0))), cancel,
@@ -706,6 +662,7 @@ def _diffusion(
     masks2 = [edge_mask(c.face, s, config) for c, s in zip(crops, shapes)]
     controls = {"canny": [canny_control(s, config) for s in second], "tile": second}
     cancel.raise_if_cancelled()
+    progress(Progress("pass 2", 0.0))
     refined = inpaint(
         engine.pass2, config.pass2, second, masks2, controls, embeds, config,
         lambda f: progress(Progress("pass 2", min(f, 1.0))), cancel,
@@ -750,8 +707,10 @@ def render_portraits(
         if not pose_faces:
             raise ValueError(f"no face found in {persona.best_face_path} nor in the reference photo")
         with engine.session(Path(lora) if lora else None, config.lora_scale):
-            rendered = _diffusion(engine, crops, persona, pose_faces[0], config, progress, cancel)
+            prompts = [portrait_prompts(persona.caption, t, config) for t in templates]
+            rendered = _diffusion(engine, crops, prompts, persona, pose_faces[0], config, progress, cancel)
     results = []
+    progress(Progress("finishing", 0.0))
     for index, (template, crop, done) in enumerate(zip(templates, crops, rendered)):
         cancel.raise_if_cancelled()
         face_crop = retouch(Image.fromarray(done.crop))
@@ -784,6 +743,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("dlib", "insightface"), default="dlib")
     parser.add_argument("--face-models", type=Path, help="face model folder (required for insightface)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--prompt", default="", help="the template's own words, added to the default prompt")
+    parser.add_argument("--negative-prompt", default="", help="added to the default negative prompt")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -795,7 +756,7 @@ def run(args: argparse.Namespace) -> dict:
     image = load_photo(args.template.read_bytes()) if args.template.is_file() else None
     if image is None:
         raise FileNotFoundError(f"template image not found or unreadable: {args.template}")
-    template = analyse_template(image, analyzer)
+    template = analyse_template(image, analyzer, args.prompt, args.negative_prompt)
     started = time.perf_counter()
     engine = lora = None
     if engine_name == "diffusion":

@@ -238,7 +238,9 @@ def _make_portraits(job: Job, report: JobReporter) -> None:
             faces = []
             for template in batch:
                 with template.image.open("rb") as stored:
-                    faces.append(analyse_template(Image.open(stored), analyzer))
+                    faces.append(
+                        analyse_template(Image.open(stored), analyzer, template.prompt, template.negative_prompt)
+                    )
             results = render_portraits(
                 subject, faces, analyzer, GenerateConfig(crop_size=settings.PORTRAIT_SIZE), engine=engine, lora=lora,
                 progress=_within(report, index, len(batches)), cancel=report.cancel,

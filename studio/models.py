@@ -145,8 +145,14 @@ class Template(models.Model):
     title = models.CharField(_("title"), max_length=120)
     image = models.ImageField(_("image"), upload_to=upload_template)
     thumbnail = models.ImageField(_("thumbnail"), upload_to=upload_template, blank=True)
-    prompt = models.TextField(_("prompt"), blank=True)
-    negative_prompt = models.TextField(_("negative prompt"), blank=True)
+    prompt = models.TextField(
+        _("prompt"),
+        blank=True,
+        help_text=_("Words for this style, added to the default prompt (for example: red scarf, studio light)."),
+    )
+    negative_prompt = models.TextField(
+        _("negative prompt"), blank=True, help_text=_("What this style should avoid, added to the default list.")
+    )
     tags = models.CharField(_("tags"), max_length=200, blank=True, help_text=_("Comma-separated."))
     face_boxes = models.JSONField(_("face boxes"), default=list, blank=True)
     published = models.BooleanField(_("published"), default=False)

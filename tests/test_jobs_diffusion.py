@@ -36,9 +36,21 @@ def test_diffusion_double_and_portrait(owner, tiny_diffusion):
     assert any(key.startswith("unet.") for key in lora) and any(key.startswith("text_encoder.") for key in lora)
     assert Path(persona.best_face.path).is_file()
 
-    job = services.request_portraits(persona, demo_templates(owner, 1))
-    jobs.make_portraits(job.id)
+    (template,) = demo_templates(owner, 1)
+    template.prompt, template.negative_prompt = "red scarf", "hat"
+    template.save()
+    job = services.request_portraits(persona, [template])
+    text_encoder = services.diffusion_engine().pass1.text_encoder
+    seen = []
+    hook = text_encoder.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    try:
+        jobs.make_portraits(job.id)
+    finally:
+        hook.remove()
     job.refresh_from_db()
     assert job.status == "succeeded", job.error_detail
+    # The template's own words reached the text encoder (the tiny kit's tokenizer spells bytes).
+    texts = [t for ids in seen for t in services.diffusion_engine().pass1.tokenizer.batch_decode(ids)]
+    assert any("red scarf" in t for t in texts) and any(t.replace(" ", "").startswith("<|startoftext|>hat,") for t in texts)
     portrait = Portrait.objects.get(job=job)
     assert portrait.image.width > 0 and Path(portrait.thumbnail.path).is_file()

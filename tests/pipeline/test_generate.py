@@ -21,6 +21,7 @@ from pipeline.generate import (
     analyse_template,
     fuse_lora,
     load_persona,
+    portrait_prompts,
     render_portraits,
 )
 from pipeline.models import load_models
@@ -191,7 +192,7 @@ def diffusion_run(models, persona, biden, face_photo, dlib_analyzer, lora_file):
         )
         for kind in ("canny", "color", "openpose", "tile")
     ]
-    obama_template = analyse_template(face_photo("obama3.jpg"), dlib_analyzer)
+    obama_template = analyse_template(face_photo("obama3.jpg"), dlib_analyzer, " red scarf ", "hat")
     reports = []
     try:
         results = render_portraits(
@@ -228,6 +229,29 @@ def test_diffusion_runs_both_passes_in_one_batch_with_the_configured_controlnets
     assert np.allclose(tile[0] * 255, np.asarray(second["image"][0]), atol=0.5)
     stages = [r.stage for r in diffusion_run["reports"]]
     assert "pass 1" in stages and "pass 2" in stages and stages[-1] == "finishing"
+
+
+def test_template_words_come_first_after_the_trigger_phrase(biden):
+    config = GenerateConfig(prompt="best quality", negative_prompt="lowres")
+    scarf = replace(biden, prompt="red scarf", negative_prompt="hat")
+    assert portrait_prompts("phb person", scarf, config) == ("phb person, red scarf, best quality", "hat, lowres")
+    assert portrait_prompts("phb person", biden, config) == ("phb person, best quality", "lowres")
+
+
+def test_each_template_is_rendered_with_its_own_prompt(diffusion_run, persona):
+    engine = diffusion_run["engine"]
+    biden, scarf = diffusion_run["templates"]
+    assert (scarf.prompt, scarf.negative_prompt) == ("red scarf", "hat")
+    first = diffusion_run["calls"][0][1]
+    # The rows the passes got are the text encoder's (with the persona LoRA fused) of each template's words.
+    with engine.lora.applied():
+        for index, template in enumerate((biden, scarf)):
+            expected = engine.encode_prompt([portrait_prompts(persona.caption, template, TINY)])
+            torch.testing.assert_close(first["prompt_embeds"][index : index + 1], expected[0])
+            torch.testing.assert_close(first["negative_prompt_embeds"][index : index + 1], expected[1])
+    assert not torch.equal(first["prompt_embeds"][0], first["prompt_embeds"][1])
+    second = diffusion_run["calls"][1][1]
+    assert torch.equal(second["prompt_embeds"], first["prompt_embeds"])
 
 
 def test_lora_is_fused_while_rendering_and_the_weights_come_back_exactly(diffusion_run, models):
