@@ -13,14 +13,16 @@ Speed. The naive loop (VAE and text encoder on every sample, batch 1) is launch-
   broadcast across the batch (gradients sum back through the broadcast);
 - the 4 accumulated samples run as one batch of 4 (`micro_batch` splits it again where memory
   is short): the same gradient as accumulating 4 batches of 1;
-- on CUDA: frozen weights in bf16, LoRA weights in fp32 under bf16 autocast, fused AdamW,
-  channels_last UNet, SDPA attention (diffusers' default), and the whole step (forward, backward,
-  clipping, optimiser) captured once as a CUDA graph and replayed (`cuda_graph`), which removes
-  the per-kernel launch cost that dominates at this size;
+- on CUDA: frozen weights in bf16, LoRA weights in fp32 under bf16 autocast (without peft's
+  cast of each LoRA input to fp32), fused AdamW, channels_last UNet, SDPA attention (diffusers'
+  default), and the whole step (forward, backward, clipping, optimiser) captured once as a CUDA
+  graph and replayed (`cuda_graph`), which removes the per-kernel launch cost that dominates at
+  this size;
+- validation runs with the LoRA merged, in bf16, and as CUDA graphs (`Validator`);
 - checkpoints are copied into reused page-locked host buffers and written by a background
-  thread, so the GPU does not wait for the disk.
-Measured on one H200 with SD1.5 shapes (bench/RESULTS.md): 17.6 ms per sample against 185-244 ms
-for the naive loop; the default run (800 steps, 8 checkpoints validated, fusion) takes 69 s.
+  thread, so the GPU does not wait for the disk; the last one carries no optimiser state.
+Measured on one H200 with SD1.5 shapes (bench/RESULTS.md): 16.8 ms per sample against 185-307 ms
+for the naive loop; the default run (800 steps, 8 checkpoints validated, fusion) takes 62.6 s.
 `torch.backends.cudnn.benchmark` is switched on (process-wide): the first job in a process pays
 about 30 s of cuDNN algorithm search, later jobs none.
 
@@ -29,7 +31,8 @@ diffusers/PEFT LoRA format with the LoRA scale (alpha / rank) folded into lora_B
 that assumes alpha == rank (diffusers does when no alpha is stored) applies it exactly; plus the
 validation images and scores. OUT/resume.pt holds the latest checkpoint's exact training state
 (fp32 LoRA weights, optimiser moments, random generator) so a cancelled or crashed run continues
-from it with the same results as an uninterrupted one.
+from it with the same results as an uninterrupted one; once the last step is checkpointed it only
+marks the run complete, and running again goes straight to fusion.
 
 Validation and fusion. Every checkpoint inpaints the face region of each validation template
 (strength 0.65, 20 steps, CFG 9) with the caption; each result is embedded by the caller's face
@@ -71,6 +74,7 @@ from PIL import Image, ImageDraw, ImageOps
 from safetensors.torch import load_file, save_file
 
 from pipeline.common import CancelToken, Progress, ProgressCallback, ignore_progress
+from pipeline.cudagraphs import GraphedForward
 from pipeline.faces import largest_face_embeddings, load_face_analyzer
 
 if TYPE_CHECKING:
@@ -210,11 +214,18 @@ def native_resolution(models: ModelSet) -> int:
 def add_lora(unet, text_encoder, config: TrainConfig) -> list[dict]:
     """Adds trainable LoRA adapters (fp32) and returns the optimiser's parameter groups."""
     from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     for model, targets in ((unet, UNET_TARGETS), (text_encoder, TEXT_TARGETS)):
         model.requires_grad_(False)
         lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(targets))
         model.add_adapter(lora, adapter_name=ADAPTER)
+        # peft casts each layer's input to the LoRA weights' dtype (fp32) and autocast casts it
+        # back to bf16 for the matmul: two activation-sized copies per layer, forward and backward,
+        # for the very same bf16 product (copies were 31% of a step's GPU time on an H200).
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
     groups = []
     for model, lr in ((unet, config.unet_lr), (text_encoder, config.text_lr)):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -418,37 +429,62 @@ def make_optimizer(groups: list[dict], config: TrainConfig, device: torch.device
 # --------------------------------------------------------------------------- validation, fusion
 
 
-@torch.no_grad()
-def validate(
-    models: ModelSet, crops: list[tuple[Image.Image, Image.Image]], config: TrainConfig, resolution: int, autocast
-) -> list[Image.Image]:
-    """Inpaints every template's face with the current LoRA; one batched pipeline call."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline
+class Validator:
+    """Inpaints every template's face with the current LoRA, one batched pipeline call per checkpoint.
 
-    pipe = StableDiffusionInpaintPipeline(
-        vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
-        unet=models.unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(models.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(models.device).manual_seed(config.seed)
-    with autocast():
-        return pipe(
-            prompt=[config.caption] * len(crops),
-            image=[c for c, _ in crops],
-            mask_image=[m for _, m in crops],
-            height=resolution,
-            width=resolution,
-            strength=config.validation_strength,
-            num_inference_steps=config.validation_steps,
-            guidance_scale=config.validation_guidance,
-            generator=generator,
-        ).images
+    The LoRA is merged into the frozen base weights for the call (peft's merge), so the UNet runs
+    as it will when rendering: in the models' own dtype without autocast (whose fp32 norms cost
+    a cast before and after each), without the rank-128 side matmuls of every layer, and on CUDA
+    its forward replays as CUDA graphs (captured at the first checkpoint, reused by the next). The
+    base weights are then restored from copies taken once, bit for bit: subtracting the delta
+    again (peft's unmerge) would leave bf16 rounding in the weights training goes on with.
+    """
+
+    def __init__(self, models: ModelSet, config: TrainConfig, resolution: int, cuda_graph: bool):
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline
+        from peft.tuners.lora import LoraLayer
+
+        self.config, self.resolution = config, resolution
+        self.pipe = StableDiffusionInpaintPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoder,
+            tokenizer=models.tokenizer,
+            unet=models.unet,
+            scheduler=DPMSolverMultistepScheduler.from_config(models.scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.layers = [
+            m for model in (models.unet, models.text_encoder) for m in model.modules() if isinstance(m, LoraLayer)
+        ]
+        self.originals = [layer.get_base_layer().weight.detach().clone() for layer in self.layers]
+        self.graphed = GraphedForward(models.unet, torch.cuda.graph_pool_handle()) if cuda_graph else None
+
+    @torch.no_grad()
+    def __call__(self, crops: list[tuple[Image.Image, Image.Image]]) -> list[Image.Image]:
+        config = self.config
+        try:
+            for layer in self.layers:
+                layer.merge(adapter_names=[ADAPTER])
+            with self.graphed.installed() if self.graphed else nullcontext():
+                return self.pipe(
+                    prompt=[config.caption] * len(crops),
+                    image=[c for c, _ in crops],
+                    mask_image=[m for _, m in crops],
+                    height=self.resolution,
+                    width=self.resolution,
+                    strength=config.validation_strength,
+                    num_inference_steps=config.validation_steps,
+                    guidance_scale=config.validation_guidance,
+                    generator=torch.Generator(self.pipe.device).manual_seed(config.seed),
+                ).images
+        finally:
+            for layer, original in zip(self.layers, self.originals):
+                if layer.merged:
+                    layer.unmerge()
+                layer.get_base_layer().weight.copy_(original)
 
 
 def identity_scores(embedder: Embedder, faces: list[Image.Image], reference: np.ndarray) -> list[float]:
@@ -568,17 +604,25 @@ class HostSnapshot:
         return value
 
 
-def resume_snapshot(host: HostSnapshot, step: int, unet, text_encoder, optimizer, generator, config: TrainConfig) -> dict:
-    """Everything a resumed run needs to continue exactly: fp32 LoRA, optimiser moments, RNG."""
+def resume_snapshot(
+    host: HostSnapshot, step: int, unet, text_encoder, optimizer, generator, config: TrainConfig, complete: bool
+) -> dict:
+    """Everything a resumed run needs to continue exactly: fp32 LoRA, optimiser moments, RNG.
+
+    The last step's snapshot is `complete`: nothing is left to train, so the optimiser moments (two
+    thirds of the gigabyte) are neither copied nor written, and the resume file only marks the end.
+    """
     snapshot = {
         "step": step,
         "rank": config.rank,
         "alpha": config.alpha,
+        "complete": complete,
         "unet": host.take(lora_state(unet), ("unet",)),
         "text_encoder": host.take(lora_state(text_encoder), ("text_encoder",)),
-        "optimizer": host.take(optimizer.state_dict(), ("optimizer",)),
         "generator": generator.get_state(),
     }
+    if not complete:
+        snapshot["optimizer"] = host.take(optimizer.state_dict(), ("optimizer",))
     if host.pinned:
         torch.cuda.current_stream().synchronize()  # the copies were queued behind the training step
     return snapshot
@@ -600,6 +644,8 @@ def write_checkpoint(
 
 
 def write_resume_state(out_dir: Path, snapshot: dict) -> None:
+    if snapshot["complete"]:  # a finished run resumes to fusion only: the checkpoints hold the weights
+        snapshot = {key: snapshot[key] for key in ("step", "rank", "alpha", "complete")}
     temporary = out_dir / (RESUME_FILE + ".tmp")
     torch.save(snapshot, temporary)
     os.replace(temporary, out_dir / RESUME_FILE)
@@ -628,7 +674,9 @@ class BackgroundWriter:
         self.drain()
 
 
-def load_resume_state(out_dir: Path, unet, text_encoder, optimizer, generator, config: TrainConfig) -> int:
+def load_resume_state(
+    out_dir: Path, unet, text_encoder, optimizer, generator, config: TrainConfig, total_steps: int
+) -> int:
     """Restores the last checkpoint's training state; returns its step (0 when starting fresh)."""
     path = out_dir / RESUME_FILE
     if not path.is_file():
@@ -636,6 +684,10 @@ def load_resume_state(out_dir: Path, unet, text_encoder, optimizer, generator, c
     state = torch.load(path, map_location="cpu", weights_only=True)
     if (state["rank"], state["alpha"]) != (config.rank, config.alpha):
         raise ValueError(f"{path} was trained with another LoRA rank/alpha; use a new output folder")
+    if state.get("complete", False):  # absent in files written before the marker existed
+        if state["step"] != total_steps:
+            raise ValueError(f"{path} is a finished run of {state['step']} steps; use a new output folder")
+        return state["step"]
     set_lora_state(unet, state["unet"])
     set_lora_state(text_encoder, state["text_encoder"])
     optimizer.load_state_dict(state["optimizer"])
@@ -720,7 +772,7 @@ def train_persona(
         use_graph = config.cuda_graph and cuda
         optimizer = make_optimizer(groups, config, device, capturable=use_graph)
         generator = torch.Generator(device).manual_seed(config.seed)
-        start_step = load_resume_state(out_dir, unet, text_encoder, optimizer, generator, config)
+        start_step = load_resume_state(out_dir, unet, text_encoder, optimizer, generator, config, total_steps)
         checkpoints = read_checkpoints(out_dir, start_step)
         unet.train()
         text_encoder.train()
@@ -733,6 +785,7 @@ def train_persona(
             )
 
         runner = StepRunner(step, optimizer, use_graph)
+        validate = Validator(models, config, resolution, cuda_graph=use_graph)
         losses = torch.zeros(total_steps, device=device)
         host = HostSnapshot(pinned=cuda)
         text_prefix = text_model_prefix(text_encoder)
@@ -762,12 +815,14 @@ def train_persona(
                 continue
             since = clock.add("train", since)
             writer.drain()  # the host buffers are free again
-            snapshot = resume_snapshot(host, done, unet, text_encoder, optimizer, generator, config)
+            snapshot = resume_snapshot(
+                host, done, unet, text_encoder, optimizer, generator, config, complete=done == total_steps
+            )
             since = clock.add("save", since)
             progress(Progress("validating", done / total_steps, f"checkpoint {done}"))
             unet.eval()
             text_encoder.eval()
-            faces = validate(models, crops, config, resolution, autocast)
+            faces = validate(crops)
             unet.train()
             text_encoder.train()
             scores = identity_scores(embedder, faces, reference)

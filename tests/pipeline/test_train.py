@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -19,9 +21,13 @@ from pipeline.train import (
     RESUME_FILE,
     CheckpointResult,
     TrainConfig,
+    Validator,
+    add_lora,
     centred_templates,
     checkpoint_folder,
+    face_crop,
     fusion_weights,
+    remove_lora,
     train_persona,
 )
 from tests.pipeline.tinykit_fixtures import photos, tiny_kit  # noqa: F401 (fixtures)
@@ -146,6 +152,53 @@ def test_a_cancelled_run_resumes_from_its_last_checkpoint(trained, models, photo
     uninterrupted = load_file(checkpoint_folder(trained[0].lora_path.parent, 4) / LORA_FILE)
     for key, value in load_file(checkpoint_folder(tmp_path, 4) / LORA_FILE).items():
         torch.testing.assert_close(value, uninterrupted[key])
+
+
+def test_a_finished_run_resumes_to_fusion_only(trained, models, photos, tmp_path):
+    result, _ = trained
+    out = result.lora_path.parent
+    state = torch.load(out / RESUME_FILE, weights_only=True)
+    # The last snapshot only marks the end: no weights or optimiser moments are written for it.
+    assert state == {"step": 4, "rank": CONFIG.rank, "alpha": CONFIG.alpha, "complete": True}
+    again = train_persona(models, photos, out, pixel_embedder, centred_templates(photos[:2]), CONFIG)
+    assert again.resumed_from_step == 4 and again.losses == [] and again.fusion_weights == result.fusion_weights
+    assert [c.step for c in again.checkpoints] == [2, 4]
+    with pytest.raises(ValueError, match="finished run of 4 steps"):
+        train_persona(models, photos, out, pixel_embedder, centred_templates(photos[:2]), replace(CONFIG, max_steps=6))
+
+
+def test_validation_merges_the_lora_and_restores_the_base_weights_exactly(models, photos):
+    crops = [face_crop(t, 64) for t in centred_templates(photos[:2])]
+    base = {k: v.clone() for k, v in models.unet.state_dict().items()}
+
+    def pipeline_call(pipe) -> list[np.ndarray]:
+        """The validation call made directly: LoRA layers, if any, run as separate layers."""
+        images = pipe(
+            prompt=[CONFIG.caption] * 2, image=[c for c, _ in crops], mask_image=[m for _, m in crops],
+            height=64, width=64, strength=CONFIG.validation_strength, num_inference_steps=CONFIG.validation_steps,
+            guidance_scale=CONFIG.validation_guidance, generator=torch.Generator().manual_seed(CONFIG.seed),
+        ).images
+        return [np.asarray(image, np.float32) for image in images]
+
+    add_lora(models.unet, models.text_encoder, CONFIG)
+    try:
+        with torch.no_grad():
+            for model in (models.unet, models.text_encoder):
+                for name, param in model.named_parameters():
+                    if "lora_B" in name:
+                        param.normal_(0.0, 0.05)
+        validate = Validator(models, CONFIG, 64, cuda_graph=False)
+        before = {k: v.clone() for k, v in models.unet.state_dict().items()}
+        merged = [np.asarray(image, np.float32) for image in validate(crops)]
+        assert all(torch.equal(v, before[k]) for k, v in models.unet.state_dict().items())
+        assert not any(layer.merged for layer in validate.layers)
+        unmerged = pipeline_call(validate.pipe)
+    finally:
+        remove_lora(models.unet, models.text_encoder)
+    assert max(np.abs(a - b).max() for a, b in zip(merged, unmerged)) <= 2
+    # The LoRA does change the result: validation sees it.
+    assert max(np.abs(a - b).max() for a, b in zip(merged, pipeline_call(validate.pipe))) > 2
+    assert all(torch.equal(v, base[k]) for k, v in models.unet.state_dict().items())
 
 
 def test_command_line_trains_from_a_preprocessed_folder(tiny_kit, photos, tmp_path, capsys):
