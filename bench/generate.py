@@ -18,7 +18,9 @@ it on the GPU). Rows:
   and out, the models as loaded (before ours converts them to channels_last);
 - ours: `pipeline.generate.render_portraits` end to end (fusion, controls, both passes, colour
   transfer, paste-back, identity) with a rank-128 persona LoRA fused; on CUDA once eager and once
-  with CUDA graphs, and the largest pixel difference between the two.
+  with CUDA graphs (`--nchw`: also with graphs in the NCHW layout), and the largest pixel
+  difference between eager and graphs. Then the seconds of each stage of one call, and with
+  `--profile` where the GPU time of the eager path goes (bench/profiling.py).
 Last line `portrait_s=N batch4_portraits_per_s=N naive_portrait_s=N`.
 """
 
@@ -38,6 +40,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.common import ignore_progress  # noqa: E402
 from pipeline.faces import DLIB_THRESHOLDS, Face  # noqa: E402
 from pipeline.generate import (  # noqa: E402
     DiffusionEngine,
@@ -193,7 +196,28 @@ def naive_two_pass(models, config: GenerateConfig, inputs: list[tuple[Image.Imag
     return run
 
 
-def bench_diffusion(shapes: str, device: torch.device, batch: int) -> None:
+def stage_seconds(render, device: torch.device) -> dict[str, float]:
+    """Seconds per progress stage of one render call (the GPU synchronised at each stage's start)."""
+    marks = []
+
+    def progress(report) -> None:
+        if not marks or marks[-1][0] != report.stage:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            marks.append((report.stage, time.perf_counter()))
+
+    started = time.perf_counter()
+    render(progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    ends = [t for _, t in marks[1:]] + [time.perf_counter()]
+    seconds = {"crop": marks[0][1] - started}
+    for (stage, begun), ended in zip(marks, ends):
+        seconds[stage] = seconds.get(stage, 0.0) + ended - begun
+    return seconds
+
+
+def bench_diffusion(shapes: str, device: torch.device, batch: int, profile: bool, nchw: bool) -> None:
     from bench.train import random_models  # noqa: E402 (bench/ is a namespace package on REPO)
     from pipeline.models import CONTROLNET_KINDS
     from pipeline.tinykit import random_controlnet
@@ -230,17 +254,22 @@ def bench_diffusion(shapes: str, device: torch.device, batch: int) -> None:
     print(f"naive: {naive_s:.3f} s/portrait, batch {batch}: {naive_batch_s:.3f} s", flush=True)
 
     rows = [("naive diffusers two-pass", naive_s, naive_batch_s)]
-    outputs = {}
-    variants = [("ours, eager", False), ("ours, CUDA graphs", True)] if cuda else [("ours", False)]
-    for name, graphs in variants:
-        engine = DiffusionEngine.from_models(models, replace(config, cuda_graphs=graphs))
-        variant = replace(config, cuda_graphs=graphs)
+    outputs, stages = {}, {}
+    # The default configuration (CUDA graphs, channels_last) comes last: the summary line is its.
+    variants = [("ours, eager", replace(config, cuda_graphs=False))] if cuda else []
+    if cuda and nchw:
+        variants.append(("ours, CUDA graphs, NCHW", replace(config, channels_last=False)))
+    variants.append(("ours, CUDA graphs" if cuda else "ours", config))
+    for name, variant in variants:
+        engine = DiffusionEngine.from_models(models, variant)
 
-        def one():
-            return render_portraits(persona, templates[:1], analyzer, variant, engine=engine, lora=lora)
+        def one(progress=ignore_progress):
+            return render_portraits(persona, templates[:1], analyzer, variant, engine=engine, lora=lora,
+                                    progress=progress)
 
-        def many():
-            return render_portraits(persona, templates, analyzer, variant, engine=engine, lora=lora)
+        def many(progress=ignore_progress):
+            return render_portraits(persona, templates, analyzer, variant, engine=engine, lora=lora,
+                                    progress=progress)
 
         first_s, _ = timed(one, 1, device)  # fuses the LoRA (once per persona), captures graphs
         timed(many, 1, device)
@@ -249,6 +278,12 @@ def bench_diffusion(shapes: str, device: torch.device, batch: int) -> None:
         outputs[name] = np.asarray(result[0].crop).astype(int)
         print(f"{name}: first call {first_s:.3f} s, {one_s:.3f} s/portrait, batch {batch}: {many_s:.3f} s", flush=True)
         rows.append((name, one_s, many_s))
+        stages[name] = (stage_seconds(one, device), stage_seconds(many, device))
+        if profile and not (cuda and variant.cuda_graphs):
+            from bench.profiling import kernel_table
+
+            print(kernel_table(one, f"{name}, one portrait"), flush=True)
+            print(kernel_table(many, f"{name}, {batch} portraits"), flush=True)
     if cuda:
         diff = np.abs(outputs["ours, eager"] - outputs["ours, CUDA graphs"])
         graphed = engine.graphed
@@ -257,6 +292,11 @@ def bench_diffusion(shapes: str, device: torch.device, batch: int) -> None:
               f"eager vs graphs: max pixel diff {diff.max()}, mean {diff.mean():.3f}")
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 
+    print()
+    print("seconds per stage of one call (stage starts synchronised): variant, batch: stages")
+    for name, (single, batched) in stages.items():
+        for count, seconds in ((1, single), (batch, batched)):
+            print(f"  {name}, batch {count}: " + " ".join(f"{k}={v:.3f}" for k, v in seconds.items()))
     print()
     print(f"| variant | s/portrait (batch 1) | s for {batch} | portraits/s (batch {batch}) | speedup (batch 1) |")
     print("|---|---|---|---|---|")
@@ -274,6 +314,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3, help="classic: rounds over the templates")
+    parser.add_argument("--profile", action="store_true", help="diffusion: GPU kernel tables of the eager path")
+    parser.add_argument("--nchw", action="store_true", help="diffusion, CUDA: also time the NCHW layout")
     parser.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces")
     args = parser.parse_args()
 
@@ -288,7 +330,7 @@ def main() -> None:
     if args.engine == "classic":
         bench_classic(args.faces, args.rounds)
     else:
-        bench_diffusion(args.shapes, device, args.batch)
+        bench_diffusion(args.shapes, device, args.batch, args.profile, args.nchw)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ the VAE and the text encoder run for every sample, nothing cached, unfused AdamW
 `pipeline.train.train_persona` itself (validation, checkpoints and fusion included). On CUDA it
 first runs a 10-step job (a fresh process pays cuDNN's algorithm search once, as a resident
 worker does on its first job), then short runs without the CUDA graph and with each UNet memory
-layout, and the default run with the faster layout. The last line is
+layout (each layout warmed up first), and the default run with the faster layout. `--profile`
+first prints where the GPU time of eager training steps and of one validation goes. The last line is
 `sample_s=... naive_sample_s=... speedup=... run_s=...`; run_s is the measured default run
 (800 steps x 4 samples + 8 validations + fusion) when --steps is 800, else extrapolated to it.
 """
@@ -34,12 +35,17 @@ from pipeline.tinykit import TINY_TEXT, TINY_UNET, TINY_VAE, build_components, p
 from pipeline.train import (  # noqa: E402
     NoiseSchedule,
     TrainConfig,
+    Validator,
     add_lora,
+    cache_latents,
     centred_templates,
+    face_crop,
     image_tensor,
+    make_optimizer,
     native_resolution,
     remove_lora,
     train_persona,
+    train_step,
 )
 
 # SD1.5's architecture (runwayml/stable-diffusion-v1-5 configs), written out so nothing downloads.
@@ -111,6 +117,10 @@ def naive_sample_seconds(models: ModelSet, photos: list[Image.Image], caption: s
         model.to(dtype)
     config = TrainConfig()
     optimizer = torch.optim.AdamW(add_lora(unet, text_encoder, config), weight_decay=config.weight_decay)
+    for model in (unet, text_encoder):  # plain peft casts each LoRA input to fp32 (ours turns it off)
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = True
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     schedule = NoiseSchedule.from_scheduler(models.scheduler, device)
     generator = torch.Generator(device).manual_seed(0)
@@ -153,6 +163,51 @@ def naive_sample_seconds(models: ModelSet, photos: list[Image.Image], caption: s
             model.to(models.dtype)
 
 
+def profile_training(models: ModelSet, photos, templates, config: TrainConfig) -> None:
+    """GPU kernel tables of 3 eager training steps and of one eager validation (bench/profiling.py)."""
+    from bench.profiling import kernel_table
+
+    device, resolution = models.device, native_resolution(models)
+    unet, text_encoder = models.unet, models.text_encoder
+
+    def autocast():
+        return torch.autocast(device.type, models.dtype, cache_enabled=False)
+
+    groups = add_lora(unet, text_encoder, config)
+    try:
+        unet.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+        optimizer = make_optimizer(groups, config, device, capturable=False)
+        params = [p for g in groups for p in g["params"]]
+        latents = cache_latents(models.vae, photos, resolution, flip=True)
+        schedule = NoiseSchedule.from_scheduler(models.scheduler, device)
+        generator = torch.Generator(device).manual_seed(0)
+        input_ids = models.tokenizer(config.caption, padding="max_length", max_length=77, return_tensors="pt")
+        input_ids = input_ids.input_ids.to(device)
+        unet.train()
+        text_encoder.train()
+
+        def steps(count: int) -> None:
+            for _ in range(count):
+                noisy, timesteps, target = schedule.batch(latents.sample(config.samples_per_step, generator), generator)
+                if config.channels_last:
+                    noisy = noisy.contiguous(memory_format=torch.channels_last)
+                optimizer.zero_grad(set_to_none=True)
+                train_step(unet, text_encoder, optimizer, params, input_ids, noisy, timesteps, target,
+                           config.samples_per_step, autocast, config.max_grad_norm)
+
+        steps(3)
+        layout = "channels_last" if config.channels_last else "NCHW"
+        print(kernel_table(lambda: steps(3), f"3 eager training steps, batch 4, {layout}"), flush=True)
+        unet.eval()
+        text_encoder.eval()
+        validate = Validator(models, config, resolution, cuda_graph=False)
+        crops = [face_crop(t, resolution) for t in templates]
+        validate(crops)
+        print(kernel_table(lambda: validate(crops), "one eager validation (4 templates, LoRA merged)"), flush=True)
+    finally:
+        remove_lora(unet, text_encoder)
+
+
 def run_ours(models, photos, templates, config: TrainConfig) -> dict:
     with tempfile.TemporaryDirectory() as out:
         result = train_persona(models, photos, out, pixel_embedder, templates, config)
@@ -184,9 +239,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, help="steps of our run (default: 800 sd15, 8 tiny)")
     parser.add_argument("--eager-steps", type=int, default=50, help="CUDA only: steps of the no-graph run")
-    parser.add_argument("--layout-steps", type=int, default=100, help="CUDA only: steps of each layout trial")
+    parser.add_argument("--layout-steps", type=int, default=100, help="CUDA only: steps of each layout trial (0: none, channels_last)")
     parser.add_argument("--naive-samples", type=int, help="timed samples of the naive loop")
     parser.add_argument("--photos", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="CUDA only: print GPU kernel tables first")
     args = parser.parse_args()
 
     from diffusers.utils import logging as diffusers_logging
@@ -218,6 +274,9 @@ def main() -> None:
         # A resident worker pays cuDNN's algorithm search once per process, on its first job.
         first = run_ours(models, photos, templates, replace(config, max_steps=10, checkpoint_every=10))
         print(f"first job in this process (10 steps, cuDNN autotuning): total {first['seconds']['total']:.1f} s")
+    if args.profile:
+        profile_training(models, photos, templates, config)
+    if device.type == "cuda":
         eager_steps = args.eager_steps
         eager = run_ours(models, photos, templates, replace(
             config, max_steps=eager_steps, checkpoint_every=eager_steps, cuda_graph=False
@@ -225,7 +284,10 @@ def main() -> None:
         print(f"ours eager: {eager}", flush=True)
         rows.append((f"ours, eager ({eager_steps} steps)", eager["sample_s"], eager))
         layouts = {}
-        for channels_last in (True, False):
+        for channels_last in (True, False) if args.layout_steps else ():
+            if not channels_last:  # a layout's first use pays cuDNN's search for its shapes: not timed
+                run_ours(models, photos, templates, replace(config, max_steps=10, checkpoint_every=10,
+                                                            channels_last=False))
             trial = run_ours(models, photos, templates, replace(
                 config, max_steps=args.layout_steps, checkpoint_every=args.layout_steps, channels_last=channels_last
             ))
@@ -233,7 +295,8 @@ def main() -> None:
             print(f"{name}: {trial}", flush=True)
             rows.append((name, trial["sample_s"], trial))
             layouts[channels_last] = trial["sample_s"]
-        config = replace(config, channels_last=min(layouts, key=layouts.get))
+        if layouts:
+            config = replace(config, channels_last=min(layouts, key=layouts.get))
     ours = run_ours(models, photos, templates, config)
     print(f"ours: {ours}", flush=True)
     layout = "channels_last" if config.channels_last and device.type == "cuda" else "NCHW"
