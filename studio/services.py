@@ -203,7 +203,12 @@ def _send(owner_id: int, html: str) -> None:
 
 
 def publish_persona(persona: Persona) -> None:
-    _send(persona.owner_id, render_to_string("studio/_persona_status.html", {"persona": persona, "oob": True}))
+    """The new status wherever it is shown, and on the persona page the part that depends on it."""
+    context = {"persona": persona, "oob": True}
+    _send(
+        persona.owner_id,
+        render_to_string("studio/_persona_status.html", context) + render_to_string("studio/_persona_refresh.html", context),
+    )
 
 
 def set_persona_status(persona: Persona, status: str) -> None:

@@ -66,8 +66,10 @@ def persona_create(request: HttpRequest) -> HttpResponse:
     return redirect("persona", persona_id=persona.id)
 
 
-def _persona_page(request: HttpRequest, persona: Persona, **context) -> HttpResponse:
-    """The upload page; htmx requests get only the photos panel."""
+def _persona_page(
+    request: HttpRequest, persona: Persona, partial: str = "studio/_photos.html", **context
+) -> HttpResponse:
+    """The upload page; htmx requests get only `partial` (the photos panel after an upload)."""
     photos = list(persona.photos.all())
     accepted = sum(photo.status == Photo.Status.ACCEPTED for photo in photos)
     context = {
@@ -83,14 +85,16 @@ def _persona_page(request: HttpRequest, persona: Persona, **context) -> HttpResp
         "buildable": services.RETRYABLE_PERSONA,
         **context,
     }
-    template = "studio/_photos.html" if request.htmx else "studio/persona.html"
+    template = partial if request.htmx else "studio/persona.html"
     return render(request, template, context, status=400 if context.get("invalid") else 200)
 
 
 @login_required
 @require_GET
 def persona_detail(request: HttpRequest, persona_id: int) -> HttpResponse:
-    return _persona_page(request, get_object_or_404(Persona, id=persona_id, owner=request.user))
+    """The page; an htmx GET (after a status change, see _persona_refresh.html) gets its body."""
+    persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
+    return _persona_page(request, persona, partial="studio/_persona_body.html")
 
 
 @login_required

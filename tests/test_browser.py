@@ -89,6 +89,9 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner):
         page.evaluate("window.notReloaded = true")
         # Queued -> Preparing photos -> Ready arrive over the websocket; the page is not reloaded.
         expect(page.locator("[id$='-status'].status")).to_have_text("Ready")
+        # ... and so does the rest of the page: the ready double in place of the upload form.
+        expect(page.locator("a:has-text('Choose templates')")).to_be_visible()
+        expect(page.locator("input[type=file]")).to_have_count(0)
         assert page.evaluate("window.notReloaded") is True
         page.screenshot(path=ARTIFACTS / "2-progress.png", full_page=True)
 

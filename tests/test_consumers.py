@@ -70,6 +70,15 @@ def test_socket_gets_own_jobs_on_connect_and_only_own_updates(owner, other_user,
         assert f'id="job-{other_job.id}"' in await theirs.receive_from()
         assert await mine.receive_nothing(timeout=0.3)
 
+        # A double's new status, and the order to its page to fetch what depends on it.
+        await sync_to_async(services.set_persona_status)(own_job.persona, Persona.Status.READY)
+        update = await mine.receive_from()
+        persona_id = own_job.persona_id
+        assert f'<span id="persona-{persona_id}-status" class="status" hx-swap-oob="true">Ready</span>' in update
+        assert f'id="persona-{persona_id}-refresh" hx-swap-oob="true" hx-get="/personas/{persona_id}/"' in update
+        assert f'hx-trigger="load" hx-target="#persona-{persona_id}-body"' in update
+        assert await theirs.receive_nothing(timeout=0.3)
+
         await mine.disconnect()
         await theirs.disconnect()
 

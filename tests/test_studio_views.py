@@ -53,6 +53,21 @@ def test_double_page_owner_other_anonymous(owner_client, other_client, persona):
     assert Client().get(url).status_code == 302
 
 
+def test_htmx_get_of_a_double_page_is_its_body_for_the_owner_only(owner_client, other_client, persona):
+    """What the page fetches when a status change arrives over the socket (_persona_refresh.html)."""
+    url = reverse("persona", args=[persona.id])
+    response = owner_client.get(url, HTTP_HX_REQUEST="true")
+    body = response.content.decode()
+    assert response.status_code == 200 and body.startswith(f'<div id="persona-{persona.id}-body">')
+    assert "<html" not in body and "Before you upload" in body  # a new double: the photos panel
+    persona.status = Persona.Status.READY
+    persona.save()
+    body = owner_client.get(url, HTTP_HX_REQUEST="true").content.decode()
+    assert "Choose templates" in body and "Before you upload" not in body
+    assert other_client.get(url, HTTP_HX_REQUEST="true").status_code == 404
+    assert Client().get(url, HTTP_HX_REQUEST="true").status_code == 302
+
+
 def test_unknown_double_is_404(owner_client):
     assert owner_client.get(reverse("persona", args=[999999])).status_code == 404
 
