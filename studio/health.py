@@ -1,10 +1,23 @@
-"""What /healthz reports: can we reach the database and Redis, and is a GPU worker alive."""
+"""What /healthz reports: can we reach the database and Redis, and is a GPU worker alive.
+
+The endpoint is public (load balancers call it), so a failure says only which part failed; what
+went wrong is logged for staff.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import django_rq
 from django.db import connection
 from rq import Worker
+
+logger = logging.getLogger(__name__)
+
+
+def _failed(part: str, **extra) -> dict:
+    logger.warning("health check: %s is not reachable", part, exc_info=True)
+    return {"ok": False, **extra}
 
 
 def check_database() -> dict:
@@ -12,16 +25,16 @@ def check_database() -> dict:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
         return {"ok": True}
-    except Exception as error:  # noqa: BLE001  (any failure is the answer)
-        return {"ok": False, "error": type(error).__name__}
+    except Exception:  # noqa: BLE001  (any failure is the answer)
+        return _failed("the database")
 
 
 def check_redis() -> dict:
     try:
         django_rq.get_connection("gpu").ping()
         return {"ok": True}
-    except Exception as error:  # noqa: BLE001
-        return {"ok": False, "error": type(error).__name__}
+    except Exception:  # noqa: BLE001
+        return _failed("Redis")
 
 
 def check_workers() -> dict:
@@ -29,5 +42,5 @@ def check_workers() -> dict:
     try:
         workers = Worker.all(queue=django_rq.get_queue("gpu"))
         return {"ok": len(workers) > 0, "gpu_workers": len(workers)}
-    except Exception as error:  # noqa: BLE001
-        return {"ok": False, "error": type(error).__name__, "gpu_workers": 0}
+    except Exception:  # noqa: BLE001
+        return _failed("the worker registry in Redis", gpu_workers=0)
