@@ -316,8 +316,11 @@ def _load_base(folder: Path, dtype: torch.dtype) -> dict:
         raise FileNotFoundError(f"no base model at {base}; run `{FETCH_COMMAND}`")
     single_file = folder / "base.safetensors"
     if single_file.is_file():
+        # The safety checker and its feature extractor are named in model_index.json but not used
+        # (nor fetched): passed as None, diffusers does not try to download them.
         pipe = StableDiffusionPipeline.from_single_file(
-            str(single_file), config=str(base), local_files_only=True, load_safety_checker=False, dtype=dtype
+            str(single_file), config=str(base), local_files_only=True, dtype=dtype,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         parts = {k: getattr(pipe, k) for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
     else:
