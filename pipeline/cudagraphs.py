@@ -1,5 +1,6 @@
 """Module forwards replayed as CUDA graphs: at SD1.5's sizes the GPU otherwise waits on kernel
-launches. Used by rendering (UNet and ControlNets) and by training's checkpoint validation."""
+launches. Used by rendering (UNet, ControlNets, VAE encoder and decoder) and by training's
+checkpoint validation (UNet)."""
 
 from __future__ import annotations
 

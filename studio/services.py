@@ -64,8 +64,7 @@ def render_live_state(owner: AbstractBaseUser) -> str:
     So a page catches up with whatever changed between its render and its socket opening.
     """
     parts = [render_to_string("studio/_jobs.html", {"jobs": active_jobs(owner), "oob": True})]
-    for persona in Persona.objects.filter(owner=owner):
-        parts.append(render_to_string("studio/_persona_status.html", {"persona": persona, "oob": True}))
+    parts += [persona_fragments(persona) for persona in Persona.objects.filter(owner=owner)]
     return "\n".join(parts)
 
 
@@ -202,13 +201,14 @@ def _send(owner_id: int, html: str) -> None:
     async_to_sync(get_channel_layer().group_send)(user_group(owner_id), {"type": "job.update", "html": html})
 
 
-def publish_persona(persona: Persona) -> None:
-    """The new status wherever it is shown, and on the persona page the part that depends on it."""
+def persona_fragments(persona: Persona) -> str:
+    """The status wherever it is shown, and the order to the persona page to fetch what depends on it."""
     context = {"persona": persona, "oob": True}
-    _send(
-        persona.owner_id,
-        render_to_string("studio/_persona_status.html", context) + render_to_string("studio/_persona_refresh.html", context),
-    )
+    return "".join(render_to_string(f"studio/{name}.html", context) for name in ("_persona_status", "_persona_refresh"))
+
+
+def publish_persona(persona: Persona) -> None:
+    _send(persona.owner_id, persona_fragments(persona))
 
 
 def set_persona_status(persona: Persona, status: str) -> None:

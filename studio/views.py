@@ -18,6 +18,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.decorators.vary import vary_on_headers
 
 from studio import health, services
 from studio.forms import DeleteDataForm, FaceConsentForm, PersonaForm, PhotoUploadForm, SignupForm, TemplateForm
@@ -91,6 +92,7 @@ def _persona_page(
 
 @login_required
 @require_GET
+@vary_on_headers("HX-Request")  # the page and its body share the URL: caches must keep both apart
 def persona_detail(request: HttpRequest, persona_id: int) -> HttpResponse:
     """The page; an htmx GET (after a status change, see _persona_refresh.html) gets its body."""
     persona = get_object_or_404(Persona, id=persona_id, owner=request.user)

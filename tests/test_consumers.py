@@ -58,6 +58,8 @@ def test_socket_gets_own_jobs_on_connect_and_only_own_updates(owner, other_user,
         panel = await mine.receive_from()
         assert 'id="jobs" hx-swap-oob="true"' in panel
         assert f'id="job-{own_job.id}"' in panel and "Owner double" in panel
+        # What changed between the page's render and its socket: the double's status and body too.
+        assert f'id="persona-{own_job.persona_id}-refresh" hx-swap-oob="true"' in panel
         assert "Other double" not in panel
         await theirs.receive_from()  # the other person's own panel
 

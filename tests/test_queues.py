@@ -72,3 +72,12 @@ def test_healthz_reports_redis_down_and_logs_why(monkeypatch, caplog):
     assert "ConnectionError" not in response.content.decode()
     logged = [r for r in caplog.records if r.name == "studio.health"]
     assert "Redis is not reachable" in logged[0].getMessage() and logged[0].exc_info[0].__name__ == "ConnectionError"
+    # The next probe during the same outage logs nothing more; the recovery is one line.
+    caplog.clear()
+    Client().get("/healthz")
+    assert not [r for r in caplog.records if r.name == "studio.health"]
+    monkeypatch.undo()
+    Client().get("/healthz")
+    assert [r.getMessage() for r in caplog.records if r.name == "studio.health"] == [
+        "health check: Redis is reachable again", "health check: the worker registry in Redis is reachable again",
+    ]

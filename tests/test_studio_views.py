@@ -59,6 +59,7 @@ def test_htmx_get_of_a_double_page_is_its_body_for_the_owner_only(owner_client, 
     response = owner_client.get(url, HTTP_HX_REQUEST="true")
     body = response.content.decode()
     assert response.status_code == 200 and body.startswith(f'<div id="persona-{persona.id}-body">')
+    assert "HX-Request" in response["Vary"]  # a cache must not serve the body as the page
     assert "<html" not in body and "Before you upload" in body  # a new double: the photos panel
     persona.status = Persona.Status.READY
     persona.save()
