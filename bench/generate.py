@@ -18,7 +18,8 @@ it on the GPU). Rows:
   and out, the models as loaded (before ours converts them to channels_last);
 - ours: `pipeline.generate.render_portraits` end to end (fusion, controls, both passes, colour
   transfer, paste-back, identity) with a rank-128 persona LoRA fused; on CUDA once eager and once
-  with CUDA graphs (`--nchw`: also with graphs in the NCHW layout), and the largest pixel
+  with CUDA graphs (`--nchw`: also with graphs in the NCHW layout; `--compiled-norms`: also with
+  pipeline/norms.py's compiled GroupNorm), and the largest pixel
   difference between eager and graphs. Then the seconds of each stage of one call, and with
   `--profile` where the GPU time of the eager path goes (bench/profiling.py).
 Last line `portrait_s=N batch4_portraits_per_s=N naive_portrait_s=N`.
@@ -217,7 +218,9 @@ def stage_seconds(render, device: torch.device) -> dict[str, float]:
     return seconds
 
 
-def bench_diffusion(shapes: str, device: torch.device, batch: int, profile: bool, nchw: bool) -> None:
+def bench_diffusion(
+    shapes: str, device: torch.device, batch: int, profile: bool, nchw: bool, compiled_norms: bool
+) -> None:
     from bench.train import random_models  # noqa: E402 (bench/ is a namespace package on REPO)
     from pipeline.models import CONTROLNET_KINDS
     from pipeline.tinykit import random_controlnet
@@ -259,6 +262,8 @@ def bench_diffusion(shapes: str, device: torch.device, batch: int, profile: bool
     variants = [("ours, eager", replace(config, cuda_graphs=False))] if cuda else []
     if cuda and nchw:
         variants.append(("ours, CUDA graphs, NCHW", replace(config, channels_last=False)))
+    if cuda and compiled_norms:
+        variants.append(("ours, CUDA graphs, compiled GroupNorm", replace(config, compiled_norms=True)))
     variants.append(("ours, CUDA graphs" if cuda else "ours", config))
     for name, variant in variants:
         engine = DiffusionEngine.from_models(models, variant)
@@ -285,6 +290,9 @@ def bench_diffusion(shapes: str, device: torch.device, batch: int, profile: bool
             print(kernel_table(one, f"{name}, one portrait"), flush=True)
             print(kernel_table(many, f"{name}, {batch} portraits"), flush=True)
     if cuda:
+        if "ours, CUDA graphs, compiled GroupNorm" in outputs:
+            diff = np.abs(outputs["ours, CUDA graphs, compiled GroupNorm"] - outputs["ours, CUDA graphs"])
+            print(f"compiled GroupNorm vs PyTorch's: max pixel diff {diff.max()}, mean {diff.mean():.3f}")
         diff = np.abs(outputs["ours, eager"] - outputs["ours, CUDA graphs"])
         graphed = engine.graphed
         print(f"graphs captured: {sum(len(g.graphs) for g in graphed)}, "
@@ -316,6 +324,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="classic: rounds over the templates")
     parser.add_argument("--profile", action="store_true", help="diffusion: GPU kernel tables of the eager path")
     parser.add_argument("--nchw", action="store_true", help="diffusion, CUDA: also time the NCHW layout")
+    parser.add_argument("--compiled-norms", action="store_true",
+                        help="diffusion, CUDA: also time pipeline/norms.py's compiled GroupNorm (an experiment)")
     parser.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces")
     args = parser.parse_args()
 
@@ -330,7 +340,7 @@ def main() -> None:
     if args.engine == "classic":
         bench_classic(args.faces, args.rounds)
     else:
-        bench_diffusion(args.shapes, device, args.batch, args.profile, args.nchw)
+        bench_diffusion(args.shapes, device, args.batch, args.profile, args.nchw, args.compiled_norms)
 
 
 if __name__ == "__main__":

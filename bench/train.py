@@ -9,7 +9,8 @@ the VAE and the text encoder run for every sample, nothing cached, unfused AdamW
 first runs a 10-step job (a fresh process pays cuDNN's algorithm search once, as a resident
 worker does on its first job), then short runs without the CUDA graph and with each UNet memory
 layout (each layout warmed up first), and the default run with the faster layout. `--profile`
-first prints where the GPU time of eager training steps and of one validation goes. The last line is
+first prints where the GPU time of eager training steps and of one validation goes;
+`--compiled-norms` adds a trial with and without pipeline/norms.py's compiled GroupNorm. The last line is
 `sample_s=... naive_sample_s=... speedup=... run_s=...`; run_s is the measured default run
 (800 steps x 4 samples + 8 validations + fusion) when --steps is 800, else extrapolated to it.
 """
@@ -243,6 +244,8 @@ def main() -> None:
     parser.add_argument("--naive-samples", type=int, help="timed samples of the naive loop")
     parser.add_argument("--photos", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="CUDA only: print GPU kernel tables first")
+    parser.add_argument("--compiled-norms", action="store_true",
+                        help="CUDA only: also time pipeline/norms.py's compiled GroupNorm (an experiment)")
     args = parser.parse_args()
 
     from diffusers.utils import logging as diffusers_logging
@@ -297,6 +300,20 @@ def main() -> None:
             layouts[channels_last] = trial["sample_s"]
         if layouts:
             config = replace(config, channels_last=min(layouts, key=layouts.get))
+        if args.compiled_norms:  # pipeline/norms.py's experiment, after a short job that compiles
+            started = time.perf_counter()
+            warm = run_ours(models, photos, templates, replace(config, max_steps=10, checkpoint_every=10,
+                                                               compiled_norms=True))
+            print(f"compiled norms, first job (10 steps, compiling): total {time.perf_counter() - started:.1f} s, "
+                  f"train {warm['seconds']['train']:.1f} s", flush=True)
+            for compiled in (False, True):  # the same trial with and without, back to back
+                trial = run_ours(models, photos, templates, replace(
+                    config, max_steps=args.layout_steps or 100, checkpoint_every=args.layout_steps or 100,
+                    compiled_norms=compiled,
+                ))
+                name = f"ours, {trial['mode']}, {'compiled' if compiled else 'PyTorch'} GroupNorm ({trial['steps']} steps)"
+                print(f"{name}: {trial}", flush=True)
+                rows.append((name, trial["sample_s"], trial))
     ours = run_ours(models, photos, templates, config)
     print(f"ours: {ours}", flush=True)
     layout = "channels_last" if config.channels_last and device.type == "cuda" else "NCHW"

@@ -56,6 +56,7 @@ from PIL import Image
 from pipeline.common import CancelToken, Progress, ProgressCallback, gettext_noop, ignore_progress
 from pipeline.cudagraphs import GraphedForward
 from pipeline.faces import Face, FaceAnalyzer, load_face_analyzer
+from pipeline.norms import CompiledGroupNorms
 from pipeline.preprocess import PreprocessConfig, crop_around_face, load_photo, no_restoration
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ class GenerateConfig:
     seed: int = 0
     cuda_graphs: bool = True
     channels_last: bool = True  # UNet, VAE and ControlNet memory format (CUDA only)
+    compiled_norms: bool = False  # experiment: pipeline.norms' compiled GroupNorm (see there)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -438,6 +440,7 @@ class DiffusionEngine:
     pass1: object  # StableDiffusionControlNetInpaintPipeline with pass 1's ControlNets
     pass2: object  # the same components with pass 2's ControlNets
     graphed: list[GraphedForward] = field(default_factory=list)
+    norms: CompiledGroupNorms | None = None
     lora: FusedLora | None = None  # the last persona's, kept for its next call
 
     @classmethod
@@ -465,9 +468,11 @@ class DiffusionEngine:
             return pipe
 
         engine = cls(pipeline(config.pass1), pipeline(config.pass2))
+        nets = {id(net): net for pipe in (engine.pass1, engine.pass2) for net in pipe.controlnet.nets}
+        if config.compiled_norms:
+            engine.norms = CompiledGroupNorms(models.unet, models.vae, *nets.values())
         if models.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-            nets = {id(net): net for pipe in (engine.pass1, engine.pass2) for net in pipe.controlnet.nets}
             layout = torch.channels_last if config.channels_last else torch.contiguous_format
             for module in (models.unet, models.vae, *nets.values()):
                 module.to(memory_format=layout)
@@ -492,6 +497,8 @@ class DiffusionEngine:
                     self.lora = None  # free the last persona's copies first
                     self.lora = fuse_lora(self.pass1, lora, scale)
                 stack.enter_context(self.lora.applied())
+            if self.norms is not None:  # before the graphs: their warm-up calls compile
+                stack.enter_context(self.norms.installed())
             for graphed in self.graphed:
                 stack.enter_context(graphed.installed())
             yield

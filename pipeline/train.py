@@ -18,7 +18,8 @@ Speed. The naive loop (VAE and text encoder on every sample, batch 1) is launch-
   default), and the whole step (forward, backward, clipping, optimiser) captured once as a CUDA
   graph and replayed (`cuda_graph`), which removes the per-kernel launch cost that dominates at
   this size;
-- validation runs with the LoRA merged, in bf16, and as CUDA graphs (`Validator`);
+- validation runs with the LoRA merged, in the models' dtype (no autocast) and as CUDA graphs
+  (`Validator`);
 - checkpoints are copied into reused page-locked host buffers and written by a background
   thread, so the GPU does not wait for the disk; the last one carries no optimiser state.
 Measured on one H200 with SD1.5 shapes (bench/RESULTS.md): 16.8 ms per sample against 185-307 ms
@@ -62,7 +63,7 @@ import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -76,6 +77,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.common import CancelToken, Progress, ProgressCallback, ignore_progress
 from pipeline.cudagraphs import GraphedForward
 from pipeline.faces import largest_face_embeddings, load_face_analyzer
+from pipeline.norms import CompiledGroupNorms
 
 if TYPE_CHECKING:
     import argparse
@@ -118,6 +120,7 @@ class TrainConfig:
     lora_dtype: str = "float16"  # of the saved files
     cuda_graph: bool = True  # replay the training step as a CUDA graph (CUDA only)
     channels_last: bool = True  # UNet memory format for training (CUDA only)
+    compiled_norms: bool = False  # experiment: pipeline.norms' compiled GroupNorm (see there)
     seed: int = 0
 
     def total_steps(self, photos: int) -> int:
@@ -436,8 +439,8 @@ class Validator:
     as it will when rendering: in the models' own dtype without autocast (whose fp32 norms cost
     a cast before and after each), without the rank-128 side matmuls of every layer, and on CUDA
     its forward replays as CUDA graphs (captured at the first checkpoint, reused by the next). The
-    base weights are then restored from copies taken once, bit for bit: subtracting the delta
-    again (peft's unmerge) would leave bf16 rounding in the weights training goes on with.
+    base weights are then restored from copies taken once, bit for bit, instead of peft's unmerge,
+    whose subtraction would leave bf16 rounding in the weights training goes on with.
     """
 
     def __init__(self, models: ModelSet, config: TrainConfig, resolution: int, cuda_graph: bool):
@@ -482,9 +485,8 @@ class Validator:
                 ).images
         finally:
             for layer, original in zip(self.layers, self.originals):
-                if layer.merged:
-                    layer.unmerge()
                 layer.get_base_layer().weight.copy_(original)
+                layer.merged_adapters.clear()  # peft's record of what is merged: nothing, again
 
 
 def identity_scores(embedder: Embedder, faces: list[Image.Image], reference: np.ndarray) -> list[float]:
@@ -643,6 +645,13 @@ def write_checkpoint(
     os.replace(temporary, folder)
 
 
+def write_checkpoint_and_resume_state(out_dir: Path, folder: Path, snapshot: dict, *checkpoint_args) -> None:
+    """The checkpoint first, the resume state only once it is complete: a resume file never points
+    past a checkpoint that failed to write (a full disk, say)."""
+    write_checkpoint(folder, snapshot, *checkpoint_args)
+    write_resume_state(out_dir, snapshot)
+
+
 def write_resume_state(out_dir: Path, snapshot: dict) -> None:
     if snapshot["complete"]:  # a finished run resumes to fusion only: the checkpoints hold the weights
         snapshot = {key: snapshot[key] for key in ("step", "rank", "alpha", "complete")}
@@ -764,6 +773,7 @@ def train_persona(
     torch.manual_seed(config.seed)
     groups = add_lora(unet, text_encoder, config)
     writer = BackgroundWriter()
+    installed = ExitStack()
     try:
         if cuda:
             torch.backends.cudnn.benchmark = True
@@ -785,7 +795,10 @@ def train_persona(
             )
 
         runner = StepRunner(step, optimizer, use_graph)
-        validate = Validator(models, config, resolution, cuda_graph=use_graph)
+        # Nothing to validate when resuming a finished run (its copies of the weights cost memory).
+        validate = Validator(models, config, resolution, use_graph) if start_step < total_steps else None
+        if config.compiled_norms:
+            installed.enter_context(CompiledGroupNorms(unet, models.vae).installed())
         losses = torch.zeros(total_steps, device=device)
         host = HostSnapshot(pinned=cuda)
         text_prefix = text_model_prefix(text_encoder)
@@ -828,13 +841,16 @@ def train_persona(
             scores = identity_scores(embedder, faces, reference)
             since = clock.add("validate", since)
             folder = checkpoint_folder(out_dir, done)
-            writer.submit(write_checkpoint, folder, snapshot, config, text_prefix, faces, scores)
-            writer.submit(write_resume_state, out_dir, snapshot)
+            writer.submit(
+                write_checkpoint_and_resume_state, out_dir, folder, snapshot, config, text_prefix, faces, scores
+            )
             checkpoints.append(CheckpointResult(done, folder, scores))
             progress(Progress("training", done / total_steps, f"checkpoint {done} saved"))
         step_mode = runner.mode
         run_losses = losses[start_step:].tolist()
     finally:
+        installed.close()
+        validate = None  # its weight copies and graphs, before the cache is emptied
         remove_lora(unet, text_encoder)
         if cuda:
             torch.cuda.empty_cache()

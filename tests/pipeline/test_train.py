@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -143,6 +144,8 @@ def test_a_cancelled_run_resumes_from_its_last_checkpoint(trained, models, photo
         expected = value * scale if ".lora_B." in key else value
         torch.testing.assert_close(saved["unet." + key].float(), expected, rtol=1e-3, atol=1e-6)
 
+    del state["complete"]  # as written before that marker existed: still resumes
+    torch.save(state, tmp_path / RESUME_FILE)
     reports = []
     resumed = train_persona(models, photos, tmp_path, pixel_embedder, templates, CONFIG, reports.append)
     assert resumed.resumed_from_step == 2 and len(resumed.losses) == 2
@@ -156,7 +159,7 @@ def test_a_cancelled_run_resumes_from_its_last_checkpoint(trained, models, photo
 
 def test_a_finished_run_resumes_to_fusion_only(trained, models, photos, tmp_path):
     result, _ = trained
-    out = result.lora_path.parent
+    out = shutil.copytree(result.lora_path.parent, tmp_path / "finished")
     state = torch.load(out / RESUME_FILE, weights_only=True)
     # The last snapshot only marks the end: no weights or optimiser moments are written for it.
     assert state == {"step": 4, "rank": CONFIG.rank, "alpha": CONFIG.alpha, "complete": True}
@@ -169,7 +172,8 @@ def test_a_finished_run_resumes_to_fusion_only(trained, models, photos, tmp_path
 
 def test_validation_merges_the_lora_and_restores_the_base_weights_exactly(models, photos):
     crops = [face_crop(t, 64) for t in centred_templates(photos[:2])]
-    base = {k: v.clone() for k, v in models.unet.state_dict().items()}
+    base = {name: model.state_dict() for name, model in (("unet", models.unet), ("text", models.text_encoder))}
+    base = {name: {k: v.clone() for k, v in state.items()} for name, state in base.items()}
 
     def pipeline_call(pipe) -> list[np.ndarray]:
         """The validation call made directly: LoRA layers, if any, run as separate layers."""
@@ -180,6 +184,14 @@ def test_validation_merges_the_lora_and_restores_the_base_weights_exactly(models
         ).images
         return [np.asarray(image, np.float32) for image in images]
 
+    def unchanged() -> bool:
+        """The base weights (peft's base_layer entries included) are bit for bit the originals."""
+        for name, model in (("unet", models.unet), ("text", models.text_encoder)):
+            state = {k.replace("base_layer.", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+            if state.keys() != base[name].keys() or not all(torch.equal(v, base[name][k]) for k, v in state.items()):
+                return False
+        return True
+
     add_lora(models.unet, models.text_encoder, CONFIG)
     try:
         with torch.no_grad():
@@ -188,17 +200,58 @@ def test_validation_merges_the_lora_and_restores_the_base_weights_exactly(models
                     if "lora_B" in name:
                         param.normal_(0.0, 0.05)
         validate = Validator(models, CONFIG, 64, cuda_graph=False)
-        before = {k: v.clone() for k, v in models.unet.state_dict().items()}
-        merged = [np.asarray(image, np.float32) for image in validate(crops)]
-        assert all(torch.equal(v, before[k]) for k, v in models.unet.state_dict().items())
-        assert not any(layer.merged for layer in validate.layers)
+        during = []  # at every UNet call: every LoRA layer merged, the base weights changed
+        hook = models.unet.register_forward_pre_hook(
+            lambda *_: during.append(all(layer.merged for layer in validate.layers) and not unchanged())
+        )
+        try:
+            merged = [np.asarray(image, np.float32) for image in validate(crops)]
+        finally:
+            hook.remove()
+        assert during and all(during)
+        assert unchanged() and not any(layer.merged for layer in validate.layers)
         unmerged = pipeline_call(validate.pipe)
+
+        # A failure inside the call (here: the first UNet step) leaves nothing merged either.
+        def fail(*_):
+            raise RuntimeError("out of memory")
+
+        hook = models.unet.register_forward_pre_hook(fail)
+        try:
+            with pytest.raises(RuntimeError, match="out of memory"):
+                validate(crops)
+        finally:
+            hook.remove()
+        assert unchanged() and not any(layer.merged for layer in validate.layers)
     finally:
         remove_lora(models.unet, models.text_encoder)
     assert max(np.abs(a - b).max() for a, b in zip(merged, unmerged)) <= 2
     # The LoRA does change the result: validation sees it.
     assert max(np.abs(a - b).max() for a, b in zip(merged, pipeline_call(validate.pipe))) > 2
-    assert all(torch.equal(v, base[k]) for k, v in models.unet.state_dict().items())
+
+
+def test_compiled_norms_train_the_same_lora(trained, models, photos, tmp_path, monkeypatch):
+    """The experiment of pipeline/norms.py: the same two steps give the same checkpoint."""
+    from pipeline import norms as norms_module
+
+    calls = []
+    compiled = norms_module.compiled_group_norm()
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return compiled(*args, **kwargs)
+
+    monkeypatch.setattr(norms_module, "compiled_group_norm", lambda: counted)
+    config = replace(CONFIG, max_steps=2, compiled_norms=True)
+    train_persona(models, photos, tmp_path, pixel_embedder, centred_templates(photos[:2]), config)
+    assert len(calls) > 100  # every GroupNorm of every training and validation forward
+    reference = load_file(checkpoint_folder(trained[0].lora_path.parent, 2) / LORA_FILE)
+    compiled = load_file(checkpoint_folder(tmp_path, 2) / LORA_FILE)
+    assert compiled.keys() == reference.keys()
+    for key, value in compiled.items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-3, atol=1e-5)
+    norms = [m for m in (*models.unet.modules(), *models.vae.modules()) if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and not any("forward" in vars(norm) for norm in norms)
 
 
 def test_command_line_trains_from_a_preprocessed_folder(tiny_kit, photos, tmp_path, capsys):
