@@ -64,7 +64,10 @@ def render_live_state(owner: AbstractBaseUser) -> str:
     So a page catches up with whatever changed between its render and its socket opening.
     """
     parts = [render_to_string("studio/_jobs.html", {"jobs": active_jobs(owner), "oob": True})]
-    parts += [persona_fragments(persona) for persona in Persona.objects.filter(owner=owner)]
+    parts += [
+        render_to_string("studio/_persona_status.html", {"persona": persona, "oob": True})
+        for persona in Persona.objects.filter(owner=owner)
+    ]
     return "\n".join(parts)
 
 
@@ -201,14 +204,9 @@ def _send(owner_id: int, html: str) -> None:
     async_to_sync(get_channel_layer().group_send)(user_group(owner_id), {"type": "job.update", "html": html})
 
 
-def persona_fragments(persona: Persona) -> str:
-    """The status wherever it is shown, and the order to the persona page to fetch what depends on it."""
-    context = {"persona": persona, "oob": True}
-    return "".join(render_to_string(f"studio/{name}.html", context) for name in ("_persona_status", "_persona_refresh"))
-
-
 def publish_persona(persona: Persona) -> None:
-    _send(persona.owner_id, persona_fragments(persona))
+    """The new status wherever it is shown; the persona page then fetches what depends on it (site.js)."""
+    _send(persona.owner_id, render_to_string("studio/_persona_status.html", {"persona": persona, "oob": True}))
 
 
 def set_persona_status(persona: Persona, status: str) -> None:

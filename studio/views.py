@@ -94,7 +94,7 @@ def _persona_page(
 @require_GET
 @vary_on_headers("HX-Request")  # the page and its body share the URL: caches must keep both apart
 def persona_detail(request: HttpRequest, persona_id: int) -> HttpResponse:
-    """The page; an htmx GET (after a status change, see _persona_refresh.html) gets its body."""
+    """The page; an htmx GET (site.js, after a status change) gets its body."""
     persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
     return _persona_page(request, persona, partial="studio/_persona_body.html")
 

@@ -54,11 +54,11 @@ def test_double_page_owner_other_anonymous(owner_client, other_client, persona):
 
 
 def test_htmx_get_of_a_double_page_is_its_body_for_the_owner_only(owner_client, other_client, persona):
-    """What the page fetches when a status change arrives over the socket (_persona_refresh.html)."""
+    """What the page fetches when the status pushed over the socket is not the one it shows (site.js)."""
     url = reverse("persona", args=[persona.id])
     response = owner_client.get(url, HTTP_HX_REQUEST="true")
     body = response.content.decode()
-    assert response.status_code == 200 and body.startswith(f'<div id="persona-{persona.id}-body">')
+    assert response.status_code == 200 and body.startswith(f'<div id="persona-{persona.id}-body" data-status="draft"')
     assert "HX-Request" in response["Vary"]  # a cache must not serve the body as the page
     assert "<html" not in body and "Before you upload" in body  # a new double: the photos panel
     persona.status = Persona.Status.READY

@@ -3,3 +3,20 @@
 window.photoboothLive = false;
 document.addEventListener("htmx:wsOpen", () => { window.photoboothLive = true; });
 document.addEventListener("htmx:wsClose", () => { window.photoboothLive = false; });
+
+// A double's page follows its status. The status arrives over the socket (on every change, and on
+// connect, which covers changes missed before it opened); when it differs from the status the
+// page's body was rendered for, the body is fetched again (an htmx GET of the page answers with it).
+// Checked again after each fetch, so fast changes (preparing, then ready) settle on the latest.
+function followPersonaStatus() {
+  for (const body of document.querySelectorAll("[id$='-body'][data-status]")) {
+    const status = document.getElementById(body.id.replace(/-body$/, "-status"));
+    if (!status || status.dataset.status === body.dataset.status || body.dataset.fetching) continue;
+    body.dataset.fetching = "true";
+    htmx.ajax("GET", body.dataset.url, { target: body, swap: "outerHTML" }).finally(() => {
+      delete body.dataset.fetching;  // the old element, if the answer failed to replace it
+      setTimeout(followPersonaStatus, 0);
+    });
+  }
+}
+document.addEventListener("htmx:wsAfterMessage", followPersonaStatus);
