@@ -10,7 +10,8 @@ first runs a 10-step job (a fresh process pays cuDNN's algorithm search once, as
 worker does on its first job), then short runs without the CUDA graph and with each UNet memory
 layout (each layout warmed up first), and the default run with the faster layout. `--profile`
 first prints where the GPU time of eager training steps and of one validation goes;
-`--compiled-norms` adds a trial with and without pipeline/norms.py's compiled GroupNorm. The last line is
+`--compiled-norms` adds a trial with and without pipeline/norms.py's compiled GroupNorm.
+The last line is
 `sample_s=... naive_sample_s=... speedup=... run_s=...`; run_s is the measured default run
 (800 steps x 4 samples + 8 validations + fusion) when --steps is 800, else extrapolated to it.
 """
@@ -18,6 +19,7 @@ first prints where the GPU time of eager training steps and of one validation go
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -39,10 +41,12 @@ from pipeline.train import (  # noqa: E402
     Validator,
     add_lora,
     cache_latents,
+    caption_ids,
     centred_templates,
     face_crop,
     image_tensor,
     make_optimizer,
+    mixed_precision,
     native_resolution,
     remove_lora,
     train_persona,
@@ -170,10 +174,6 @@ def profile_training(models: ModelSet, photos, templates, config: TrainConfig) -
 
     device, resolution = models.device, native_resolution(models)
     unet, text_encoder = models.unet, models.text_encoder
-
-    def autocast():
-        return torch.autocast(device.type, models.dtype, cache_enabled=False)
-
     groups = add_lora(unet, text_encoder, config)
     try:
         unet.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
@@ -182,8 +182,7 @@ def profile_training(models: ModelSet, photos, templates, config: TrainConfig) -
         latents = cache_latents(models.vae, photos, resolution, flip=True)
         schedule = NoiseSchedule.from_scheduler(models.scheduler, device)
         generator = torch.Generator(device).manual_seed(0)
-        input_ids = models.tokenizer(config.caption, padding="max_length", max_length=77, return_tensors="pt")
-        input_ids = input_ids.input_ids.to(device)
+        input_ids = caption_ids(models, config.caption)
         unet.train()
         text_encoder.train()
 
@@ -194,7 +193,7 @@ def profile_training(models: ModelSet, photos, templates, config: TrainConfig) -
                     noisy = noisy.contiguous(memory_format=torch.channels_last)
                 optimizer.zero_grad(set_to_none=True)
                 train_step(unet, text_encoder, optimizer, params, input_ids, noisy, timesteps, target,
-                           config.samples_per_step, autocast, config.max_grad_norm)
+                           config.samples_per_step, functools.partial(mixed_precision, models), config.max_grad_norm)
 
         steps(3)
         layout = "channels_last" if config.channels_last else "NCHW"
@@ -240,10 +239,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, help="steps of our run (default: 800 sd15, 8 tiny)")
     parser.add_argument("--eager-steps", type=int, default=50, help="CUDA only: steps of the no-graph run")
-    parser.add_argument("--layout-steps", type=int, default=100, help="CUDA only: steps of each layout trial (0: none, channels_last)")
+    parser.add_argument("--layout-steps", type=int, default=100,
+                        help="CUDA only: steps of each layout trial (0: no trial, channels_last)")
     parser.add_argument("--naive-samples", type=int, help="timed samples of the naive loop")
     parser.add_argument("--photos", type=int, default=5)
-    parser.add_argument("--profile", action="store_true", help="CUDA only: print GPU kernel tables first")
+    parser.add_argument("--profile", action="store_true", help="print kernel tables first (CPU: operator times)")
     parser.add_argument("--compiled-norms", action="store_true",
                         help="CUDA only: also time pipeline/norms.py's compiled GroupNorm (an experiment)")
     args = parser.parse_args()
@@ -311,7 +311,8 @@ def main() -> None:
                     config, max_steps=args.layout_steps or 100, checkpoint_every=args.layout_steps or 100,
                     compiled_norms=compiled,
                 ))
-                name = f"ours, {trial['mode']}, {'compiled' if compiled else 'PyTorch'} GroupNorm ({trial['steps']} steps)"
+                norm = "compiled" if compiled else "PyTorch"
+                name = f"ours, {trial['mode']}, {norm} GroupNorm ({trial['steps']} steps)"
                 print(f"{name}: {trial}", flush=True)
                 rows.append((name, trial["sample_s"], trial))
     ours = run_ours(models, photos, templates, config)

@@ -214,6 +214,24 @@ def native_resolution(models: ModelSet) -> int:
     return models.unet.config.sample_size * 2 ** (len(models.vae.config.block_out_channels) - 1)
 
 
+def mixed_precision(models: ModelSet):
+    """The training forward's autocast (bf16 frozen weights, fp32 LoRA), or nothing in fp32.
+
+    Its weight cache stays off for CUDA graph capture; it would save nothing anyway (each weight is
+    cast once per forward)."""
+    if models.dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(models.device.type, models.dtype, cache_enabled=False)
+
+
+def caption_ids(models: ModelSet, caption: str) -> torch.Tensor:
+    """The caption's token ids, padded to the text encoder's length, on the models' device."""
+    tokenizer = models.tokenizer
+    return tokenizer(
+        caption, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(models.device)
+
+
 def add_lora(unet, text_encoder, config: TrainConfig) -> list[dict]:
     """Adds trainable LoRA adapters (fp32) and returns the optimiser's parameter groups."""
     from peft import LoraConfig
@@ -749,23 +767,14 @@ def train_persona(
     resolution = config.resolution or native_resolution(models)
     total_steps = config.total_steps(len(photos))
     cuda = device.type == "cuda"
-
-    def autocast():
-        # The autocast weight cache must stay off for CUDA graph capture; it saves nothing here anyway
-        # (each weight is cast once per forward).
-        mixed = models.dtype != torch.float32
-        return torch.autocast(device.type, models.dtype, cache_enabled=False) if mixed else nullcontext()
-
+    autocast = functools.partial(mixed_precision, models)
     clock = _Clock(device)
     since = clock.started
     progress(Progress("caching", 0.0, "encoding photos"))
     reference = embedder(photos)
     crops = [face_crop(t, resolution) for t in templates]
     latents = cache_latents(models.vae, photos, resolution, config.random_flip)
-    input_ids = models.tokenizer(
-        config.caption, padding="max_length", max_length=models.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids.to(device)
+    input_ids = caption_ids(models, config.caption)
     schedule = NoiseSchedule.from_scheduler(models.scheduler, device)
     since = clock.add("cache", since)
 

@@ -35,3 +35,19 @@ def face_photo(faces_dir: Path):
 def dlib_analyzer() -> DlibFaceAnalyzer:
     """Loading dlib's models takes about a second: load them once per test run."""
     return DlibFaceAnalyzer()
+
+
+@pytest.fixture
+def compiled_norm_calls(monkeypatch) -> list[int]:
+    """Counts the calls of pipeline/norms.py's compiled GroupNorm while a test uses it."""
+    from pipeline import norms
+
+    calls: list[int] = []
+    compiled = norms.compiled_group_norm()
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return compiled(*args, **kwargs)
+
+    monkeypatch.setattr(norms, "compiled_group_norm", lambda: counted)
+    return calls

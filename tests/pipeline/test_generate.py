@@ -318,11 +318,14 @@ def test_diffusion_portrait_changes_only_the_face(diffusion_run):
         assert crop.shape == (128, 128, 3) and crop.std() > 5
 
 
-def test_compiled_norms_render_the_same_portrait(diffusion_run, models, persona, biden, dlib_analyzer, lora_file):
+def test_compiled_norms_render_the_same_portrait(
+    diffusion_run, models, persona, biden, dlib_analyzer, lora_file, compiled_norm_calls
+):
     """The experiment of pipeline/norms.py, through the engine: same pixels, norms plain afterwards."""
     engine = DiffusionEngine.from_models(models, replace(TINY, compiled_norms=True))
     assert engine.norms is not None and len(engine.norms.norms) > 10
     (result,) = render_portraits(persona, [biden], dlib_analyzer, TINY, engine=engine, lora=lora_file)
+    assert len(compiled_norm_calls) > 100  # the UNet's, the ControlNets' and the VAE's, every step
     expected = np.asarray(diffusion_run["results"][0].crop).astype(int)
     assert np.abs(np.asarray(result.crop).astype(int) - expected).max() <= 2
     assert not any("forward" in vars(norm) for norm in engine.norms.norms)

@@ -230,21 +230,11 @@ def test_validation_merges_the_lora_and_restores_the_base_weights_exactly(models
     assert max(np.abs(a - b).max() for a, b in zip(merged, pipeline_call(validate.pipe))) > 2
 
 
-def test_compiled_norms_train_the_same_lora(trained, models, photos, tmp_path, monkeypatch):
+def test_compiled_norms_train_the_same_lora(trained, models, photos, tmp_path, compiled_norm_calls):
     """The experiment of pipeline/norms.py: the same two steps give the same checkpoint."""
-    from pipeline import norms as norms_module
-
-    calls = []
-    compiled = norms_module.compiled_group_norm()
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return compiled(*args, **kwargs)
-
-    monkeypatch.setattr(norms_module, "compiled_group_norm", lambda: counted)
     config = replace(CONFIG, max_steps=2, compiled_norms=True)
     train_persona(models, photos, tmp_path, pixel_embedder, centred_templates(photos[:2]), config)
-    assert len(calls) > 100  # every GroupNorm of every training and validation forward
+    assert len(compiled_norm_calls) > 100  # every GroupNorm of every training and validation forward
     reference = load_file(checkpoint_folder(trained[0].lora_path.parent, 2) / LORA_FILE)
     compiled = load_file(checkpoint_folder(tmp_path, 2) / LORA_FILE)
     assert compiled.keys() == reference.keys()
