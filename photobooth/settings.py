@@ -195,6 +195,10 @@ MODEL_DIR = Path(env_str("MODEL_DIR", str(DATA_DIR / "models")))
 # portrait crop size; lower them only to try things out quickly.
 TRAIN_MAX_STEPS = env_int("TRAIN_MAX_STEPS", 800, minimum=1)
 TRAIN_CHECKPOINT_EVERY = env_int("TRAIN_CHECKPOINT_EVERY", 100, minimum=1)
+# Where a worker trains; a stopped build's folder stays this long so building again resumes
+# from its last checkpoint (studio.training_folders). It holds face-derived data: 0 keeps none.
+TRAINING_DIR = Path(env_str("TRAINING_DIR", str(DATA_DIR / "training")))
+TRAINING_RESUME_HOURS = env_int("TRAINING_RESUME_HOURS", 24, minimum=0)
 PORTRAIT_SIZE = env_int("PORTRAIT_SIZE", 512, minimum=64)
 
 _EMAIL_HOST = env_str("EMAIL_HOST", "")

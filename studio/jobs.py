@@ -3,7 +3,9 @@
 Each entry point loads its rows, runs the pipeline with progress and cancel wired to the
 `Job` row (see `JobReporter`), writes artefacts atomically (work in a temporary folder, then
 store under new names and delete the old ones after commit, so running a job twice leaves
-one set of files), and publishes every change to the owner's open pages.
+one set of files), and publishes every change to the owner's open pages. Training works in the
+double's training folder instead, kept until the double is stored so a stopped build resumes
+(studio.training_folders).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import redis
 
 from pipeline.common import CancelToken, Cancelled, Progress, gettext_noop
 from pipeline.generate import GenerateConfig, analyse_template, load_persona, render_portraits
-from studio import services
+from studio import services, training_folders
 from studio.models import Job, Persona, Photo
 
 log = logging.getLogger(__name__)
@@ -190,7 +192,7 @@ def _build_double(job: Job, report: JobReporter) -> None:
             identity = sum(scores) / len(scores)
         else:
             services.set_persona_status(persona, Persona.Status.TRAINING)
-            outputs, identity = services.train_double(folder, progress, report.cancel)
+            outputs, identity = services.train_double(persona, folder, progress, report.cancel)
         with transaction.atomic():
             # Locks the job row: a cancel or a "delete my data" either happened (nothing is
             # written) or waits until this double is stored.
@@ -204,6 +206,7 @@ def _build_double(job: Job, report: JobReporter) -> None:
             # update_fields: raises rather than re-inserting a row deleted meanwhile.
             persona.save(update_fields=[*outputs, "engine", "identity_score", "status"])
             transaction.on_commit(lambda: [default_storage.delete(name) for name in old_files])
+            transaction.on_commit(lambda: training_folders.discard(persona.pk))  # stored: no resuming
             if not persona.keep_photos:
                 for photo in Photo.objects.filter(persona=persona):
                     photo.delete()

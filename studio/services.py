@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import logging
@@ -39,6 +40,7 @@ from pipeline.generate import DiffusionEngine, analyse_template
 from pipeline.models import check_models, load_models
 from pipeline.preprocess import PreprocessResult, preprocess, write_preprocessed
 from pipeline.train import TrainConfig, ValidationTemplate, read_preprocessed, train_persona
+from studio import training_folders
 from studio.models import FaceConsent, Job, Persona, Photo, Portrait, Template, owner_folder
 from studio.uploads import Refusal, RefusedFile, clean_photo
 
@@ -467,19 +469,30 @@ def validation_templates() -> tuple[ValidationTemplate, ...]:
     return tuple(templates)
 
 
-def train_double(folder: Path, progress: ProgressCallback, cancel: CancelToken) -> tuple[dict[str, Path], float]:
-    """Trains the persona LoRA from an unpacked preprocessed folder; returns files and score."""
-    photos, caption = read_preprocessed(folder)
-    result = train_persona(
-        load_models(settings.MODEL_DIR), photos, folder / "training",
-        functools.partial(largest_face_embeddings, face_analyzer()), list(validation_templates()),
-        TrainConfig(caption=caption, max_steps=settings.TRAIN_MAX_STEPS, checkpoint_every=settings.TRAIN_CHECKPOINT_EVERY),
-        progress=progress, cancel=cancel,
+def train_double(
+    persona: Persona, training_set: Path, progress: ProgressCallback, cancel: CancelToken
+) -> tuple[dict[str, Path], float]:
+    """Trains the persona LoRA from an unpacked preprocessed folder; returns files and score.
+
+    It trains in the double's training folder (studio.training_folders), so a build that stopped
+    resumes from its last checkpoint when the double is built again from the same photos.
+    """
+    photos, caption = read_preprocessed(training_set)
+    config = TrainConfig(
+        caption=caption, max_steps=settings.TRAIN_MAX_STEPS, checkpoint_every=settings.TRAIN_CHECKPOINT_EVERY
     )
+    digest = training_folders.fingerprint(training_set, dataclasses.asdict(config), Path(settings.MODEL_DIR))
+    result = train_persona(
+        load_models(settings.MODEL_DIR), photos, training_folders.training_folder(persona.pk, digest),
+        functools.partial(largest_face_embeddings, face_analyzer()), list(validation_templates()),
+        config, progress=progress, cancel=cancel,
+    )
+    if result.resumed_from_step:
+        log.info("double %s: training resumed from step %d of %d", persona.pk, result.resumed_from_step, result.steps)
     outputs = {
         "lora_file": result.lora_path,
         "best_face": result.best_face_path,
-        "reference_face": folder / "reference.png",
+        "reference_face": training_set / "reference.png",
     }
     return outputs, result.best_score
 

@@ -2,14 +2,15 @@
 
 It does not fork (RQ's default forks per job): models loaded by one job stay resident for
 the next, and a parent that touched CUDA never forks a CUDA child. Every maintenance round
-(each `MAINTENANCE_INTERVAL_S`) it also fails jobs whose worker was lost.
+(each `MAINTENANCE_INTERVAL_S`) it also fails jobs whose worker was lost and removes the
+training folders that no build will resume (studio.training_folders).
 """
 
 from __future__ import annotations
 
 from rq import SimpleWorker
 
-from studio import services
+from studio import services, training_folders
 
 MAINTENANCE_INTERVAL_S = 20
 
@@ -27,3 +28,4 @@ class StudioWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
         services.recover_abandoned_jobs()
+        training_folders.sweep()

@@ -41,6 +41,13 @@ def private_media(settings, tmp_path):
     return settings.MEDIA_ROOT
 
 
+@pytest.fixture(autouse=True)
+def training_dir(settings, tmp_path):
+    """Each test trains in its own empty folder, so tests can see what a build leaves."""
+    settings.TRAINING_DIR = tmp_path / "training"
+    return settings.TRAINING_DIR
+
+
 @pytest.fixture
 def owner(db) -> User:
     return User.objects.create_user("owner", "owner@example.com", PASSWORD)

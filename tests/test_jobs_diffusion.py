@@ -55,3 +55,31 @@ def test_diffusion_double_and_portrait(owner, tiny_diffusion):
     assert any(t.replace(" ", "").startswith("<|startoftext|>hat,") for t in texts)  # the negative prompt
     portrait = Portrait.objects.get(job=job)
     assert portrait.image.width > 0 and Path(portrait.thumbnail.path).is_file()
+
+
+def test_a_stopped_build_resumes_from_its_last_checkpoint(owner, tiny_diffusion, training_dir, monkeypatch, caplog):
+    persona = persona_with_photos(owner)
+    real_embeddings, calls = services.largest_face_embeddings, []
+
+    def fails_at_the_second_checkpoint(*args):
+        calls.append(args)  # the training photos, checkpoint 1's faces, checkpoint 2's faces
+        if len(calls) == 3:
+            raise RuntimeError("the worker's GPU fell off the bus")
+        return real_embeddings(*args)
+
+    monkeypatch.setattr(services, "largest_face_embeddings", fails_at_the_second_checkpoint)
+    with pytest.raises(RuntimeError):
+        jobs.build_double(services.request_training(persona).id)
+    persona.refresh_from_db()
+    assert persona.status == "failed"
+    (folder,) = training_dir.iterdir()
+    assert (folder / "resume.pt").is_file()
+    assert [p.name for p in (folder / "checkpoints").iterdir()] == ["step-000001"]
+
+    monkeypatch.setattr(services, "largest_face_embeddings", real_embeddings)
+    with caplog.at_level("INFO", logger="studio.services"):
+        jobs.build_double(services.request_training(persona).id)
+    persona.refresh_from_db()
+    assert persona.status == "ready"
+    assert f"double {persona.pk}: training resumed from step 1 of 2" in caplog.text
+    assert list(training_dir.iterdir()) == []  # the double is stored: nothing left to resume

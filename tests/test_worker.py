@@ -1,4 +1,5 @@
-"""Real worker processes: live progress to the owner only, cancel while running, a killed worker."""
+"""Real worker processes: live progress to the owner only, cancel while running, a killed worker,
+maintenance."""
 
 from __future__ import annotations
 
@@ -107,3 +108,10 @@ def test_killed_worker_is_noticed_and_the_next_job_runs(owner, other_user, worke
     assert Job.objects.get(pk=job.pk).error_for_person == services.WORKER_LOST
     next_job = services.request_training(persona_with_photos(other_user))
     wait_for(lambda: Job.objects.get(pk=next_job.pk).status == "succeeded", 120, "the next job to succeed")
+
+
+def test_worker_removes_training_folders_no_build_will_resume(workers, settings):
+    deleted_double = settings.TRAINING_DIR / "persona-987654-0123456789abcdef"
+    (deleted_double / "checkpoints").mkdir(parents=True)
+    workers()
+    wait_for(lambda: not deleted_double.exists(), 60, "the worker's maintenance to remove the folder")
