@@ -121,6 +121,19 @@ def smooth_image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
 
 
+def synthetic_persona_and_templates(
+    analyzer: SyntheticFaces, size: int, count: int
+) -> tuple[Persona, list[TemplateFaces]]:
+    """A persona (in a new temporary folder) and `count` templates, all smooth random images."""
+    folder = Path(tempfile.mkdtemp())
+    reference = smooth_image(size, size, seed=0)
+    reference.save(folder / "reference.png")
+    face = analyzer.analyze(reference)[0]
+    persona = Persona(folder, reference, face.keypoints, face.embedding, "phb person")
+    images = [smooth_image(size * 3 // 2, size * 2, seed=10 + i) for i in range(count)]
+    return persona, [TemplateFaces(image, analyzer.analyze(image)) for image in images]
+
+
 def random_lora(models, folder: Path) -> Path:
     """A rank-128 persona LoRA (training's targets) with random weights, in diffusers' file format."""
     from diffusers import StableDiffusionPipeline
@@ -238,14 +251,8 @@ def bench_diffusion(
 
     config = GenerateConfig(crop_size=size)
     analyzer = SyntheticFaces()
-    folder = Path(tempfile.mkdtemp())
-    reference = smooth_image(size, size, seed=0)
-    reference.save(folder / "reference.png")
-    reference_face = analyzer.analyze(reference)[0]
-    persona = Persona(folder, reference, reference_face.keypoints, reference_face.embedding, "phb person")
-    images = [smooth_image(size * 3 // 2, size * 2, seed=10 + i) for i in range(batch)]
-    templates = [TemplateFaces(image, analyzer.analyze(image)) for image in images]
-    lora = random_lora(models, folder)
+    persona, templates = synthetic_persona_and_templates(analyzer, size, batch)
+    lora = random_lora(models, persona.folder)
 
     # naive first: ours converts the shared models to channels_last.
     naive_inputs = [(t.image.resize((size, size)), Image.new("L", (size, size), 255)) for t in templates]
