@@ -2,7 +2,7 @@
 # SD1.5-shaped training benchmark on a lent CUDA machine that has torch, transformers and peft but
 # no diffusers and no network. Carry .whl/ (diffusers-0.42.1-py3-none-any.whl: its other
 # requirements are already there on Python 3.12) and run from the repository root:
-#     bash bench/device_train.sh [extra bench/train.py arguments]
+#     bash bench/device_train.sh [extra bench/train.py arguments, e.g. --trial lean_lora]
 # The log lands in $OUT (or /tmp); the table and the summary line are printed last.
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

@@ -10,7 +10,8 @@ first runs a 10-step job (a fresh process pays cuDNN's algorithm search once, as
 worker does on its first job), then short runs without the CUDA graph and with each UNet memory
 layout (each layout warmed up first), and the default run with the faster layout. `--profile`
 first prints where the GPU time of eager training steps and of one validation goes;
-`--compiled-norms` adds a trial with and without pipeline/norms.py's compiled GroupNorm.
+`--trial FLAG` adds the same short run with a TrainConfig flag off and on, back to back
+(compiled_norms: pipeline/norms.py's compiled GroupNorm; lean_lora: LeanLoraForward).
 The last line is
 `sample_s=... naive_sample_s=... speedup=... run_s=...`; run_s is the measured default run
 (800 steps x 4 samples + 8 validations + fusion) when --steps is 800, else extrapolated to it.
@@ -88,6 +89,7 @@ SD15_TEXT = dict(
 )
 SHAPES = {"tiny": (TINY_UNET, TINY_VAE, TINY_TEXT), "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT)}
 DEFAULT_RUN_STEPS, DEFAULT_CHECKPOINTS = 800, 8
+TRIAL_FLAGS = ("compiled_norms", "lean_lora")
 
 
 def random_models(shapes: str, device: torch.device) -> ModelSet:
@@ -244,8 +246,8 @@ def main() -> None:
     parser.add_argument("--naive-samples", type=int, help="timed samples of the naive loop")
     parser.add_argument("--photos", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print kernel tables first (CPU: operator times)")
-    parser.add_argument("--compiled-norms", action="store_true",
-                        help="CUDA only: also time pipeline/norms.py's compiled GroupNorm (an experiment)")
+    parser.add_argument("--trial", action="append", default=[], choices=TRIAL_FLAGS,
+                        help="also time our run with this TrainConfig flag off and on (repeatable)")
     args = parser.parse_args()
 
     from diffusers.utils import logging as diffusers_logging
@@ -300,21 +302,18 @@ def main() -> None:
             layouts[channels_last] = trial["sample_s"]
         if layouts:
             config = replace(config, channels_last=min(layouts, key=layouts.get))
-        if args.compiled_norms:  # pipeline/norms.py's experiment, after a short job that compiles
-            started = time.perf_counter()
-            warm = run_ours(models, photos, templates, replace(config, max_steps=10, checkpoint_every=10,
-                                                               compiled_norms=True))
-            print(f"compiled norms, first job (10 steps, compiling): total {time.perf_counter() - started:.1f} s, "
-                  f"train {warm['seconds']['train']:.1f} s", flush=True)
-            for compiled in (False, True):  # the same trial with and without, back to back
-                trial = run_ours(models, photos, templates, replace(
-                    config, max_steps=args.layout_steps or 100, checkpoint_every=args.layout_steps or 100,
-                    compiled_norms=compiled,
-                ))
-                norm = "compiled" if compiled else "PyTorch"
-                name = f"ours, {trial['mode']}, {norm} GroupNorm ({trial['steps']} steps)"
-                print(f"{name}: {trial}", flush=True)
-                rows.append((name, trial["sample_s"], trial))
+    for flag in args.trial:  # the same run with the flag off and on, back to back, after a warm-up
+        trial_steps = args.layout_steps or (100 if device.type == "cuda" else steps)
+        short = replace(config, max_steps=trial_steps, checkpoint_every=trial_steps)
+        started = time.perf_counter()
+        warm = run_ours(models, photos, templates, replace(short, max_steps=10, checkpoint_every=10, **{flag: True}))
+        print(f"{flag}, first job (10 steps; compiles what it compiles): total {time.perf_counter() - started:.1f} s, "
+              f"train {warm['seconds']['train']:.1f} s", flush=True)
+        for value in (False, True):
+            trial = run_ours(models, photos, templates, replace(short, **{flag: value}))
+            name = f"ours, {trial['mode']}, {flag}={value} ({trial['steps']} steps)"
+            print(f"{name}: {trial}", flush=True)
+            rows.append((name, trial["sample_s"], trial))
     ours = run_ours(models, photos, templates, config)
     print(f"ours: {ours}", flush=True)
     layout = "channels_last" if config.channels_last and device.type == "cuda" else "NCHW"

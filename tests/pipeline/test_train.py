@@ -256,3 +256,30 @@ def test_command_line_trains_from_a_preprocessed_folder(tiny_kit, photos, tmp_pa
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and [c["step"] for c in summary["checkpoints"]] == [1, 2]
     assert set(summary["fusion_weights"]) <= {"1", "2"} and summary["best_score"] > -1
+
+
+def test_lean_lora_forward_trains_the_same_lora_as_peft(models, photos, tmp_path, monkeypatch):
+    """LeanLoraForward replaces peft's forward on every LoRA layer and trains the same weights."""
+    from peft.tuners.lora import Conv2d, Linear
+
+    peft_calls = []
+    for layer_type in (Linear, Conv2d):
+        peft_forward = layer_type.forward
+
+        def counted(self, *args, _forward=peft_forward, **kwargs):
+            peft_calls.append(type(self).__name__)
+            return _forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(layer_type, "forward", counted)
+    config = replace(CONFIG, max_steps=3, checkpoint_every=3)
+    templates = centred_templates(photos[:1])
+    peft = train_persona(models, photos, tmp_path / "peft", pixel_embedder, templates, replace(config, lean_lora=False))
+    assert {"Linear", "Conv2d"} <= set(peft_calls)  # the tiny UNet has both kinds of LoRA layer
+    peft_calls.clear()
+    lean = train_persona(models, photos, tmp_path / "lean", pixel_embedder, templates, config)
+    assert peft_calls == []
+    np.testing.assert_allclose(lean.losses, peft.losses, rtol=1e-5)
+    expected, actual = load_file(peft.lora_path), load_file(lean.lora_path)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key].float(), expected[key].float(), rtol=1e-3, atol=1e-5)
