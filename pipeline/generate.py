@@ -32,7 +32,8 @@ fused weights are kept (`FusedLora`): each render call copies them in and the or
 the resident models are exactly as before between calls (a bf16 unfuse would not be exact) and a
 persona's next call costs two memory copies, not a LoRA load. Each template's prompt (its own
 words with the defaults, `portrait_prompts`) is encoded once per call for both passes. A batch of
-templates renders in one pipeline call per pass. On CUDA: channels_last, cuDNN autotuning, and the
+templates renders in one pipeline call per pass, and the masked image, which only 9-channel
+inpainting UNets read, is not VAE-encoded (`controlnet_inpaint_pipeline`). On CUDA: channels_last, cuDNN autotuning, and the
 UNet, ControlNet and VAE encoder/decoder forwards replayed as CUDA graphs (`GraphedForward`),
 because at these sizes the GPU waits on kernel launches. The graphs are installed only while the
 engine renders, so training on the same resident models never sees them, and they survive persona
@@ -42,6 +43,7 @@ changes because the LoRA swaps write the weights in place.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from contextlib import contextmanager
@@ -446,14 +448,14 @@ class DiffusionEngine:
     @classmethod
     def from_models(cls, models: ModelSet, config: GenerateConfig = GenerateConfig()) -> DiffusionEngine:
         import torch
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionControlNetInpaintPipeline
+        from diffusers import DPMSolverMultistepScheduler
 
         def pipeline(step: InpaintPass):
             # DPM++ 2M SDE Karras, each pipeline its own scheduler (schedulers hold per-call state).
             scheduler = DPMSolverMultistepScheduler.from_config(
                 models.scheduler.config, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True
             )
-            pipe = StableDiffusionControlNetInpaintPipeline(
+            pipe = controlnet_inpaint_pipeline()(
                 vae=models.vae,
                 text_encoder=models.text_encoder,
                 tokenizer=models.tokenizer,
@@ -540,6 +542,27 @@ class FusedLora:
             with torch.no_grad():
                 for layer, weight in zip(self.layers, self.original):
                     layer.weight.copy_(weight)
+
+
+@functools.cache
+def controlnet_inpaint_pipeline() -> type:
+    """diffusers' ControlNet inpaint pipeline without the VAE encode of the masked image.
+
+    Those latents are an input of 9-channel inpainting UNets only; SD1.5's UNet has 4 channels and
+    never reads them, yet the pipeline encodes the masked image of every portrait in both passes
+    (2.3% of a portrait's arithmetic, bench/flops.py). A latent-shaped placeholder takes its place.
+    """
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+
+    class ControlNetInpaintPipeline(StableDiffusionControlNetInpaintPipeline):
+        def prepare_mask_latents(self, mask, masked_image, *args, **kwargs):
+            if self.unet.config.in_channels == 4:
+                side = self.vae_scale_factor
+                shape = (len(masked_image), 4, masked_image.shape[-2] // side, masked_image.shape[-1] // side)
+                masked_image = masked_image.new_zeros(shape)  # 4 channels: taken as latents, not encoded
+            return super().prepare_mask_latents(mask, masked_image, *args, **kwargs)
+
+    return ControlNetInpaintPipeline
 
 
 def fuse_lora(pipe, path: Path, scale: float) -> FusedLora:

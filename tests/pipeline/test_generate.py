@@ -192,6 +192,8 @@ def diffusion_run(models, persona, biden, face_photo, dlib_analyzer, lora_file):
         )
         for kind in ("canny", "color", "openpose", "tile")
     ]
+    vae_encodes = []
+    hooks.append(models.vae.encoder.register_forward_pre_hook(lambda _m, args: vae_encodes.append(len(args[0]))))
     obama_template = analyse_template(face_photo("obama3.jpg"), dlib_analyzer, " red scarf ", "hat")
     reports = []
     try:
@@ -205,6 +207,7 @@ def diffusion_run(models, persona, biden, face_photo, dlib_analyzer, lora_file):
     return {
         "engine": engine, "results": results, "calls": calls, "net_calls": net_calls, "reports": reports,
         "lora_active": lora_active, "original": original, "templates": [biden, obama_template],
+        "vae_encodes": vae_encodes,
     }
 
 
@@ -222,6 +225,8 @@ def test_diffusion_runs_both_passes_in_one_batch_with_the_configured_controlnets
     # What the ControlNets themselves were run with, every denoising step (CFG doubles the batch).
     seen = {(kind, scale) for kind, scale in diffusion_run["net_calls"]}
     assert seen == {("canny", 0.5), ("color", 0.85), ("openpose", 0.5), ("canny", 1.0), ("tile", 1.0)}
+    # Each pass encodes each template's init image once (one generator each), and no masked image.
+    assert diffusion_run["vae_encodes"] == [1, 1] * 2
     assert sum(kind == "openpose" for kind, _ in diffusion_run["net_calls"]) == int(8 * 0.45)
     # Pass 2's tile control is the pass-2 input image itself.
     _, second = calls[1]
