@@ -128,6 +128,8 @@ class Photo(PersonaPart):
         REJECTED = "rejected", _("Refused")
 
     image = models.FileField(_("image"), upload_to=upload_photo)
+    # What the photo pages show: a phone's 20 full-size selfies would be tens of megabytes.
+    thumbnail = models.FileField(_("thumbnail"), upload_to=upload_photo, blank=True)
     status = models.CharField(_("status"), max_length=20, choices=Status.choices, default=Status.PENDING)
     reason_code = models.CharField(_("reason code"), max_length=40, blank=True)
     analysis = models.JSONField(_("face analysis"), default=dict, blank=True)

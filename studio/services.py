@@ -121,8 +121,10 @@ def add_photos(persona: Persona, uploads: list[UploadedFile]) -> list[Refusal]:
         except RefusedFile as refused:
             refusals.append(Refusal(upload.name, str(refused.message)))
             continue
+        thumbnail = thumbnail_jpeg(jpeg)
         photo = Photo(persona=persona)
-        photo.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=True)
+        photo.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=False)
+        photo.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail), save=True)
         stored.append(photo)
     if stored:
         try:
@@ -352,7 +354,7 @@ def estimated_seconds(job: Job, position: int | None) -> float | None:
 
 # --- Templates and albums ----------------------------------------------------------------
 
-TEMPLATE_THUMBNAIL_PX = 384
+THUMBNAIL_PX = 384  # long side of every thumbnail: photos, templates, portraits
 
 
 def template_face_boxes(jpeg: bytes) -> list[list[float]]:
@@ -360,7 +362,7 @@ def template_face_boxes(jpeg: bytes) -> list[list[float]]:
     return analyse_template(Image.open(io.BytesIO(jpeg)), face_analyzer()).boxes
 
 
-def thumbnail_jpeg(data: bytes, size: int = TEMPLATE_THUMBNAIL_PX) -> bytes:
+def thumbnail_jpeg(data: bytes, size: int = THUMBNAIL_PX) -> bytes:
     image = Image.open(io.BytesIO(data)).convert("RGB")
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()

@@ -35,7 +35,7 @@ def test_staff_adds_a_template_with_a_face(staff_client):
     assert response.status_code == 302
     template = Template.objects.get()
     assert template.published and len(template.face_boxes) == 1
-    assert template.thumbnail and max(Image.open(template.thumbnail).size) <= services.TEMPLATE_THUMBNAIL_PX
+    assert template.thumbnail and max(Image.open(template.thumbnail).size) <= services.THUMBNAIL_PX
 
 
 def test_template_without_a_face_is_refused_with_the_reason(staff_client):

@@ -164,8 +164,22 @@ def test_deleting_a_photo_removes_its_file_and_reanalyses(
     upload(owner_client, persona, ("a.jpg", face("obama.jpg")), ("b.jpg", face("biden.jpg")))
     photo = persona.photos.get(reason_code="")
     assert other_client.post(reverse("photo_delete", args=[photo.id])).status_code == 404
-    name = photo.image.name
+    name, thumbnail = photo.image.name, photo.thumbnail.name
     with django_capture_on_commit_callbacks(execute=True):
         owner_client.post(reverse("photo_delete", args=[photo.id]))
     assert not Photo.objects.filter(id=photo.id).exists()
     assert not (Path(settings.MEDIA_ROOT) / name).exists()
+    assert not (Path(settings.MEDIA_ROOT) / thumbnail).exists()
+
+
+def test_photo_pages_show_small_thumbnails_to_the_owner_only(owner_client, other_client, persona, consented):
+    response = upload(owner_client, persona, ("a.jpg", face("obama3.jpg")), htmx=True)
+    photo = Photo.objects.get()
+    thumbnail = Image.open(photo.thumbnail)
+    assert max(thumbnail.size) == services.THUMBNAIL_PX < max(Image.open(photo.image).size)
+    url = reverse("media_file", args=[photo.thumbnail.name])
+    assert f'src="{url}"' in response.content.decode()
+    assert reverse("media_file", args=[photo.image.name]) not in response.content.decode()
+    assert owner_client.get(url).status_code == 200
+    assert other_client.get(url).status_code == 404
+    assert Client().get(url).status_code == 404
