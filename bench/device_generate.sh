@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # SD1.5-shaped portrait benchmark on a lent CUDA machine that has torch, transformers, peft and
-# opencv but no diffusers and no network. Carry .whl/ and run from the repository root. .whl/ needs
-# diffusers-0.42.1-py3-none-any.whl and pillow_heif 1.8.1 (pipeline.preprocess imports it; the
-# cp312 manylinux x86_64 wheel, fetched as /work/.library/device/README.md shows):
+# opencv but no diffusers and no network. Fill .whl/ here first (bash bench/device_wheels.sh:
+# diffusers, and pillow_heif, which pipeline.preprocess imports), carry it, and run from the
+# repository root:
 #     bash bench/device_generate.sh [extra bench/generate.py arguments]
 # About 2-3 minutes: random SD1.5 weights + 4 ControlNets are built on the GPU, then the plain
 # diffusers two-pass, ours eager and ours with CUDA graphs run at batch 1 and batch 4.

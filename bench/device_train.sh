@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SD1.5-shaped training benchmark on a lent CUDA machine that has torch, transformers and peft but
-# no diffusers and no network. Carry .whl/ (diffusers-0.42.1-py3-none-any.whl: its other
-# requirements are already there on Python 3.12) and run from the repository root:
+# no diffusers and no network. Fill .whl/ here first (bash bench/device_wheels.sh: diffusers, whose
+# other requirements are already there on Python 3.12), carry it, and run from the repository root:
 #     bash bench/device_train.sh [extra bench/train.py arguments, e.g. --trial lean_lora]
 # The log lands in $OUT (or /tmp); the table and the summary line are printed last.
 set -euo pipefail
