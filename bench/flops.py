@@ -209,24 +209,23 @@ def main() -> None:
 
     default = TrainConfig()
     steps = default.total_steps(photos=5)
-    repeat = {"training": steps / TRAIN_STEPS, "validating": (steps // default.checkpoint_every) / TRAIN_CHECKPOINTS}
+    checkpoints = steps // default.checkpoint_every
+    repeat = {"training": steps / TRAIN_STEPS, "validating": checkpoints / TRAIN_CHECKPOINTS}
     training = rows_by_model(record_training(models), flops, scale, repeat)
     one = rows_by_model(record_portraits(models, 1), flops, scale, {})
     many = rows_by_model(record_portraits(models, args.batch), flops, scale, {})
 
     print(f"SD1.5 shapes at {SD15_SIZE} px; floors at {peak:.0f} TFLOP/s")
     print()
-    checkpoints = steps // default.checkpoint_every
     train_total = print_rows(f"training run ({steps} steps x 4, {checkpoints} checkpoints)", training, peak)
     one_total = print_rows("one portrait", one, peak)
     many_total = print_rows(f"{args.batch} portraits, one call", many, peak)
     per_portrait = many_total / args.batch
-    print(f"floor: {one_total / peak:.3f} s for one portrait, {args.batch / (many_total / peak):.1f} portraits/s "
-          f"at batch {args.batch}; 4 portraits/s needs {4 * per_portrait:.0f} TFLOP/s "
-          f"({4 * per_portrait / peak:.0%} of {peak:.0f})")
+    batch_floor = peak / per_portrait  # portraits per second
+    print(f"floor: {one_total / peak:.3f} s for one portrait, {batch_floor:.1f} portraits/s at batch {args.batch}; "
+          f"4 portraits/s needs {4 * per_portrait:.0f} TFLOP/s ({4 * per_portrait / peak:.0%} of {peak:.0f})")
     print(f"train_run_tflop={train_total:.1f} train_floor_s={train_total / peak:.2f} "
-          f"portrait_tflop={one_total:.2f} batch{args.batch}_floor_portraits_per_s={args.batch / (many_total / peak):.2f}")
-
+          f"portrait_tflop={one_total:.2f} batch{args.batch}_floor_portraits_per_s={batch_floor:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -33,11 +33,12 @@ the resident models are exactly as before between calls (a bf16 unfuse would not
 persona's next call costs two memory copies, not a LoRA load. Each template's prompt (its own
 words with the defaults, `portrait_prompts`) is encoded once per call for both passes. A batch of
 templates renders in one pipeline call per pass, and the masked image, which only 9-channel
-inpainting UNets read, is not VAE-encoded (`controlnet_inpaint_pipeline`). On CUDA: channels_last, cuDNN autotuning, and the
-UNet, ControlNet and VAE encoder/decoder forwards replayed as CUDA graphs (`GraphedForward`),
-because at these sizes the GPU waits on kernel launches. The graphs are installed only while the
-engine renders, so training on the same resident models never sees them, and they survive persona
-changes because the LoRA swaps write the weights in place.
+inpainting UNets read, is not VAE-encoded (`controlnet_inpaint_pipeline`). On CUDA:
+channels_last, cuDNN autotuning, and the UNet, ControlNet and VAE encoder/decoder forwards
+replayed as CUDA graphs (`GraphedForward`), because at these sizes the GPU waits on kernel
+launches. The graphs are installed only while the engine renders, so training on the same
+resident models never sees them, and they survive persona changes because the LoRA swaps write
+the weights in place.
 """
 
 from __future__ import annotations

@@ -554,7 +554,6 @@ class Validator:
                 layer.get_base_layer().weight.copy_(original)
                 layer.merged_adapters.clear()  # peft's record of what is merged: nothing, again
 
-
     def unread_masked_latents(self, count: int) -> torch.Tensor | None:
         """A placeholder for the masked image's latents, which only 9-channel inpainting UNets read.
 
