@@ -490,15 +490,18 @@ class DiffusionEngine:
         return self.pass1.unet.device
 
     @contextmanager
-    def session(self, lora: Path | None, scale: float) -> Iterator[None]:
-        """The persona's LoRA fused in place and the CUDA graphs installed, for one render call."""
+    def session(self, lora: LoraSource | None, scale: float) -> Iterator[None]:
+        """The persona's LoRA fused in place and the CUDA graphs installed, for one render call.
+
+        The last persona's fused weights are kept: the next call for the same LoRA (by its key)
+        neither fetches nor fuses it again."""
         from contextlib import ExitStack
 
         with ExitStack() as stack:
             if lora is not None:
-                if self.lora is None or self.lora.key != (str(lora.resolve()), scale):
+                if self.lora is None or self.lora.key != (lora.key, scale):
                     self.lora = None  # free the last persona's copies first
-                    self.lora = fuse_lora(self.pass1, lora, scale)
+                    self.lora = fuse_lora(self.pass1, lora.fetch(), scale, key=lora.key)
                 stack.enter_context(self.lora.applied())
             if self.norms is not None:  # before the graphs: their warm-up calls compile
                 stack.enter_context(self.norms.installed())
@@ -514,6 +517,23 @@ class DiffusionEngine:
             return self.pass1.encode_prompt(
                 [p for p, _ in prompts], self.device, 1, True, [n for _, n in prompts]
             )
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    """A persona's LoRA file as the engine caches it: `key` names its contents (two different
+    files never share one), and `fetch` returns a local path, called only when the engine does not
+    hold that LoRA already. The site's key is the stored file's name; its fetch copies the gigabyte
+    out of media storage, which a second request for the same double skips."""
+
+    key: str
+    fetch: Callable[[], Path]
+
+    @classmethod
+    def local(cls, path: str | Path) -> LoraSource:
+        """A file on this machine, keyed by where it is."""
+        path = Path(path)
+        return cls(str(path.resolve()), lambda: path)
 
 
 @dataclass
@@ -566,9 +586,10 @@ def controlnet_inpaint_pipeline() -> type:
     return ControlNetInpaintPipeline
 
 
-def fuse_lora(pipe, path: Path, scale: float) -> FusedLora:
+def fuse_lora(pipe, path: Path, scale: float, key: str | None = None) -> FusedLora:
     """Fuses a LoRA file into the pipeline's UNet and text encoder at `scale` and records the fused
-    weights; the models are back to their original weights on return."""
+    weights under `key` (default: the file's path); the models are back to their original weights
+    on return."""
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -591,7 +612,7 @@ def fuse_lora(pipe, path: Path, scale: float) -> FusedLora:
     with torch.no_grad():
         for layer, weight in zip(layers, original):
             layer.weight.copy_(weight)
-    return FusedLora((str(path.resolve()), scale), layers, original, fused)
+    return FusedLora((key or str(path.resolve()), scale), layers, original, fused)
 
 
 def inpaint(
@@ -712,14 +733,15 @@ def render_portraits(
     analyzer: FaceAnalyzer,
     config: GenerateConfig = GenerateConfig(),
     engine: DiffusionEngine | None = None,
-    lora: str | Path | None = None,
+    lora: str | Path | LoraSource | None = None,
     retouch: ImageHook = no_restoration,
     upscale: ImageHook = no_restoration,
     progress: ProgressCallback = ignore_progress,
     cancel: CancelToken | None = None,
 ) -> list[PortraitResult]:
     """Renders the persona into every template: classic without `engine`, else the two diffusion
-    passes with the persona's LoRA (`lora`; None renders without one), all templates in one batch."""
+    passes with the persona's LoRA (`lora`, a path or a LoraSource; None renders without one), all
+    templates in one batch."""
     cancel = cancel or CancelToken()
     crops = [crop_template(t, config) for t in templates]
     progress(Progress("preparing", 0.0, f"{len(crops)} template(s)"))
@@ -737,7 +759,8 @@ def render_portraits(
         )
         if not pose_faces:
             raise ValueError(f"no face found in {persona.best_face_path} nor in the reference photo")
-        with engine.session(Path(lora) if lora else None, config.lora_scale):
+        source = lora if isinstance(lora, LoraSource) or lora is None else LoraSource.local(lora)
+        with engine.session(source, config.lora_scale):
             prompts = [portrait_prompts(persona.caption, t, config) for t in templates]
             rendered = _diffusion(engine, crops, prompts, persona, pose_faces[0], config, progress, cancel)
     results = []

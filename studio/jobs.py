@@ -10,6 +10,7 @@ double's training folder instead, kept until the double is stored so a stopped b
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -30,7 +31,7 @@ from PIL import Image
 import redis
 
 from pipeline.common import CancelToken, Cancelled, Progress, gettext_noop
-from pipeline.generate import GenerateConfig, analyse_template, load_persona, render_portraits
+from pipeline.generate import GenerateConfig, LoraSource, analyse_template, load_persona, render_portraits
 from studio import services, training_folders
 from studio.models import Job, Persona, Photo
 
@@ -217,9 +218,10 @@ def make_portraits(job_id: int) -> None:
     run_job(job_id, _make_portraits)
 
 
-def _copy_stored(stored, path: Path) -> None:
+def _copy_stored(stored, path: Path) -> Path:
     with stored.open("rb") as source, open(path, "wb") as target:
         shutil.copyfileobj(source, target)
+    return path
 
 
 def _make_portraits(job: Job, report: JobReporter) -> None:
@@ -231,8 +233,10 @@ def _make_portraits(job: Job, report: JobReporter) -> None:
         engine = lora = None
         if persona.engine == "diffusion":
             _copy_stored(persona.best_face, folder / "best_face.png")
-            lora = folder / "persona_lora.safetensors"
-            _copy_stored(persona.lora_file, lora)
+            # Copied out of storage only if this worker's engine does not hold it fused already.
+            lora = LoraSource(persona.lora_file.name, functools.partial(
+                _copy_stored, persona.lora_file, folder / "persona_lora.safetensors"
+            ))
             engine = services.diffusion_engine()
         subject = load_persona(folder, analyzer)
         templates = list(job.templates.all())

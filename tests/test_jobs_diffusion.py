@@ -27,11 +27,16 @@ def tiny_diffusion(settings, tmp_path):
     services.diffusion_engine.cache_clear()
 
 
-def test_diffusion_double_and_portrait(owner, tiny_diffusion):
-    persona = persona_with_photos(owner)
+def ready_diffusion_persona(owner, name: str = "Me"):
+    persona = persona_with_photos(owner, name)
     jobs.build_double(services.request_training(persona).id)
     persona.refresh_from_db()
     assert (persona.status, persona.engine) == ("ready", "diffusion")
+    return persona
+
+
+def test_diffusion_double_and_portrait(owner, tiny_diffusion):
+    persona = ready_diffusion_persona(owner)
     lora = load_file(persona.lora_file.path)
     assert any(key.startswith("unet.") for key in lora) and any(key.startswith("text_encoder.") for key in lora)
     assert Path(persona.best_face.path).is_file()
@@ -55,6 +60,26 @@ def test_diffusion_double_and_portrait(owner, tiny_diffusion):
     assert any(t.replace(" ", "").startswith("<|startoftext|>hat,") for t in texts)  # the negative prompt
     portrait = Portrait.objects.get(job=job)
     assert portrait.image.width > 0 and Path(portrait.thumbnail.path).is_file()
+
+
+def test_the_next_portraits_of_a_double_reuse_its_fused_lora(owner, tiny_diffusion, monkeypatch):
+    persona = ready_diffusion_persona(owner)
+    templates = demo_templates(owner, 2)
+    jobs.make_portraits(services.request_portraits(persona, templates[:1]).id)
+    fused = services.diffusion_engine().lora
+    assert fused is not None and fused.key[0] == persona.lora_file.name
+    copied, copy = [], jobs._copy_stored
+    monkeypatch.setattr(jobs, "_copy_stored", lambda stored, path: copied.append(path.name) or copy(stored, path))
+    job = services.request_portraits(persona, templates[1:])
+    jobs.make_portraits(job.id)
+    assert Portrait.objects.filter(job=job).count() == 1
+    assert services.diffusion_engine().lora is fused  # neither fused again
+    assert copied == ["best_face.png"]  # nor copied out of storage again
+
+    other = ready_diffusion_persona(owner, "Another me")  # another LoRA file: fetched and fused
+    jobs.make_portraits(services.request_portraits(other, templates[:1]).id)
+    assert services.diffusion_engine().lora.key[0] == other.lora_file.name
+    assert copied.count("persona_lora.safetensors") == 1
 
 
 def test_a_stopped_build_resumes_from_its_last_checkpoint(owner, tiny_diffusion, training_dir, monkeypatch, caplog):
