@@ -38,7 +38,7 @@ from pipeline.common import Cancelled, CancelToken, ProgressCallback, gettext_no
 from pipeline.faces import FaceAnalyzer, largest_face_embeddings, load_face_analyzer
 from pipeline.generate import DiffusionEngine, analyse_template
 from pipeline.models import check_models, load_models
-from pipeline.preprocess import PreprocessResult, preprocess, write_preprocessed
+from pipeline.preprocess import PhotoCheck, PreprocessResult, preprocess, write_preprocessed
 from pipeline.train import TrainConfig, ValidationTemplate, read_preprocessed, train_persona
 from studio import training_folders
 from studio.models import FaceConsent, Job, Persona, Photo, Portrait, Template, owner_folder
@@ -141,23 +141,26 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
     """Runs face analysis and selection over all of the persona's photos and stores the result.
 
     Every photo gets its decision and scores; the preprocessed folder (crops, embeddings,
-    reference face) is stored zipped on the persona, replacing the previous one.
+    reference face) is stored zipped on the persona, replacing the previous one. What the face
+    checks found is kept on each photo, so the next upload or delete analyses only new photos.
     """
     photos = list(persona.photos.all())
     inputs = []
     for photo in photos:
         with photo.image.open("rb") as stored:
             inputs.append((str(photo.id), stored.read()))
-    result = preprocess(inputs, face_analyzer())
+    known = {str(photo.id): check for photo in photos if (check := _stored_check(photo)) is not None}
+    result = preprocess(inputs, face_analyzer(), known=known)
     with tempfile.TemporaryDirectory(prefix="photobooth-preprocess-") as folder:
         summary = write_preprocessed(result, folder)
         archive = shutil.make_archive(str(Path(folder).parent / Path(folder).name), "zip", folder)
     try:
         with transaction.atomic():
-            for photo, decision in zip(photos, summary["photos"]):
+            for photo, decision, check in zip(photos, summary["photos"], result.checks):
                 photo.status = Photo.Status.ACCEPTED if decision["accepted"] else Photo.Status.REJECTED
                 photo.reason_code = decision["reason"] or ""
-                photo.analysis = {**decision, "reference": bool(result.reference and result.reference.name == str(photo.id))}
+                reference = bool(result.reference and result.reference.name == str(photo.id))
+                photo.analysis = {**decision, "reference": reference, "check": check.to_json()}
                 photo.save(update_fields=["status", "reason_code", "analysis"])
             old = persona.preprocessed.name
             with open(archive, "rb") as zipped:
@@ -168,6 +171,14 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
     finally:
         os.unlink(archive)
     return result
+
+
+def _stored_check(photo: Photo) -> PhotoCheck | None:
+    """The face checks' findings kept on a photo; None (analyse it again) if absent or unreadable."""
+    try:
+        return PhotoCheck.from_json(photo.analysis["check"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _check_photos_can_change(persona: Persona) -> None:

@@ -183,3 +183,25 @@ def test_photo_pages_show_small_thumbnails_to_the_owner_only(owner_client, other
     assert owner_client.get(url).status_code == 200
     assert other_client.get(url).status_code == 404
     assert Client().get(url).status_code == 404
+
+
+def test_more_photos_or_fewer_analyse_only_new_ones(owner_client, persona, consented, monkeypatch):
+    """What the face checks found is kept per photo: the next upload or delete reuses it."""
+    analyzer, analysed = services.face_analyzer(), []
+    real_analyze = analyzer.analyze
+    monkeypatch.setattr(analyzer, "analyze", lambda image: analysed.append(image.size) or real_analyze(image))
+    upload(owner_client, persona, *[(name, face(name)) for name in ("obama.jpg", "obama1.jpg", "biden.jpg")])
+    assert len(analysed) == 3
+    upload(owner_client, persona, ("more.jpg", face("obama3.jpg")))
+    assert len(analysed) == 4
+    verdicts = sorted(persona.photos.values_list("status", "reason_code"))
+    assert verdicts == [("accepted", "")] * 3 + [("rejected", "different_person")]
+    owner_client.post(reverse("photo_delete", args=[persona.photos.filter(status="accepted").first().id]))
+    assert len(analysed) == 4
+    assert persona.photos.filter(status="accepted").count() == 2
+    damaged = persona.photos.filter(status="accepted").first()  # say, edited by hand in the admin
+    damaged.analysis = {**damaged.analysis, "check": {"key": "dlib/v1"}}
+    damaged.save()
+    upload(owner_client, persona, ("last.jpg", face("obama2.jpg")))
+    assert len(analysed) == 6  # the new photo, and the damaged one again
+    assert persona.photos.filter(status="accepted").count() == 3

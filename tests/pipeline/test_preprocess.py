@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,9 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
 from pipeline.common import CancelToken, Cancelled, Progress
-from pipeline.preprocess import REASONS, PreprocessConfig, check_photo, load_photo, preprocess, write_preprocessed
+from pipeline.preprocess import (
+    REASONS, PhotoCheck, PreprocessConfig, check_photo, load_photo, preprocess, write_preprocessed,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 OBAMA = ["obama.jpg", "obama2.jpg", "obama3.jpg", "obama1.jpg", "obama-480p.jpg"]
@@ -149,7 +152,7 @@ def test_surplus_photos_are_refused_as_not_needed(faces_dir, dlib_analyzer):
     ids=["blurred", "darkened", "shrunk"],
 )
 def test_poor_photos_are_refused(change, reason, face_photo, dlib_analyzer):
-    decision = check_photo(0, "obama.jpg", change(face_photo("obama.jpg")), dlib_analyzer, PreprocessConfig())
+    decision, _ = check_photo(0, "obama.jpg", change(face_photo("obama.jpg")), dlib_analyzer, PreprocessConfig())
     assert decision.reason == reason
     assert decision.scores is not None
 
@@ -162,7 +165,7 @@ def test_heic_photos_are_read(face_photo):
 
 
 def test_non_image_bytes_are_refused(dlib_analyzer):
-    decision = check_photo(0, "notes.txt", b"these are not pixels", dlib_analyzer, PreprocessConfig())
+    decision, _ = check_photo(0, "notes.txt", b"these are not pixels", dlib_analyzer, PreprocessConfig())
     assert decision.reason == "not_an_image" and decision.scores is None
 
 
@@ -212,3 +215,31 @@ def test_command_line_reports_a_missing_folder(tmp_path):
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "not found" in json.loads(done.stderr)["error"]
+
+
+class CountingAnalyzer:
+    """The real dlib analyser, counting the photos it analyses."""
+
+    def __init__(self, analyzer) -> None:
+        self.analyzer, self.calls = analyzer, 0
+        self.name, self.thresholds = analyzer.name, analyzer.thresholds
+
+    def analyze(self, image):
+        self.calls += 1
+        return self.analyzer.analyze(image)
+
+
+def test_known_checks_stand_in_for_analysis_and_give_the_same_result(result, persona_photos, dlib_analyzer):
+    counting = CountingAnalyzer(dlib_analyzer)
+    # Through JSON, as the site stores them; one photo's check is missing and one is from other checks.
+    known = {name: PhotoCheck.from_json(json.loads(json.dumps(check.to_json())))
+             for (name, _), check in zip(persona_photos, result.checks)}
+    del known["obama2.jpg"]
+    known["obama3.jpg"] = replace(known["obama3.jpg"], key="dlib/v0/old")
+    again = preprocess(persona_photos, counting, known=known)
+    assert counting.calls == 2  # the photo without a check and the one with another key
+    assert again.decisions == result.decisions
+    assert [t.name for t in again.train] == [t.name for t in result.train]
+    assert all(np.array_equal(a.embedding, b.embedding) for a, b in zip(again.train, result.train))
+    assert again.reference.name == result.reference.name
+    assert [c.to_json() for c in again.checks] == [c.to_json() for c in result.checks]
