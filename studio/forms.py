@@ -10,19 +10,19 @@ from studio.uploads import RefusedFile, clean_photo
 
 
 class SignupForm(UserCreationForm):
-    """Username, e-mail (for password resets) and the password twice, with Django's validators."""
+    """Username, e-mail (for password resets) and the password twice, with Django's validators.
+
+    An e-mail address already in use is accepted without a word: refusing it would tell anyone
+    who tries an address whether its owner has an account here (and so photos of their face),
+    and would let anyone claim a stranger's address first, since nothing confirms it. A reset
+    for a shared address reaches every account with it, each mail naming its username.
+    """
 
     email = forms.EmailField(label=_("E-mail"), help_text=_("Used only to reset your password."))
 
     class Meta(UserCreationForm.Meta):
         model = User
         fields = ["username", "email"]
-
-    def clean_email(self) -> str:
-        email = self.cleaned_data["email"].strip()
-        if User.objects.filter(email__iexact=email).exists():
-            raise forms.ValidationError(_("An account with this e-mail already exists."))
-        return email
 
 
 class PersonaForm(forms.ModelForm):
