@@ -104,7 +104,7 @@ class SyntheticFaces:
     """A face analyser stub: every image has one face at the same relative place (centre, a third
     of the short side wide), so crops, masks and controls have real geometry without a detector."""
 
-    name = "synthetic"
+    name = model_id = "synthetic"
     thresholds = DLIB_THRESHOLDS
     KEYPOINTS = np.array([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]], np.float32)
 

@@ -18,6 +18,7 @@ cosine similarity = 1 - distance**2 / 2.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +101,15 @@ class FaceAnalyzer(Protocol):
     name: str
     thresholds: FaceThresholds
     embedding_size: int
+    model_id: str  # which weights: results of one set are never taken for another's
 
     def analyze(self, image: Image.Image) -> list[Face]: ...
+
+
+def model_files_id(name: str, files: Sequence[Path]) -> str:
+    """The backend's name with a digest of its model files' names and sizes (a swapped pack differs)."""
+    digest = hashlib.sha256("".join(f"{path.name}:{path.stat().st_size}\n" for path in sorted(files)).encode())
+    return f"{name}-{digest.hexdigest()[:12]}"
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
@@ -153,6 +161,7 @@ class DlibFaceAnalyzer:
         for path in files.values():
             if not path.is_file():
                 raise FileNotFoundError(f"dlib model file missing: {path}")
+        self.model_id = model_files_id(self.name, list(files.values()))
         self._dlib = dlib
         self._detector = dlib.get_frontal_face_detector()
         self._shape5 = dlib.shape_predictor(str(files["sp5"]))
@@ -227,6 +236,7 @@ class InsightFaceAnalyzer:
         folder = Path(model_dir).expanduser().resolve()
         if not folder.is_dir():
             raise FileNotFoundError(f"insightface model folder not found: {folder}")
+        self.model_id = model_files_id(self.name, list(folder.glob("*.onnx")))
         self._app = FaceAnalysis(
             name=str(folder),
             root=str(folder.parent),

@@ -50,6 +50,7 @@ before one face was measured.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import math
@@ -181,8 +182,10 @@ CHECK_VERSION = 1
 
 
 def check_key(analyzer: FaceAnalyzer, config: PreprocessConfig) -> str:
-    """The backend, the checks' version and the settings the checks and scores read."""
-    return f"{analyzer.name}/v{CHECK_VERSION}/{config.background_face_ratio}/{config.crop_scale}/{config.crop_size}"
+    """The face models, their thresholds, the checks' version and the settings the checks read."""
+    settings = (analyzer.thresholds, config.background_face_ratio, config.crop_scale, config.crop_size)
+    digest = hashlib.sha256(repr(settings).encode()).hexdigest()[:12]
+    return f"{analyzer.model_id}/v{CHECK_VERSION}/{digest}"
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,10 @@ def run_job(job_id: int, work: Callable[[Job, JobReporter], None]) -> None:
         work(job, JobReporter(job))
     except Cancelled:
         if not Job.objects.filter(pk=job.pk).exists():
-            return  # the person deleted their data: nothing of theirs may be written again
+            # The person deleted their data: nothing of theirs may be written again, and what a
+            # build was still writing into its training folder goes too.
+            training_folders.discard(job.persona_id)
+            return
         services.reset_persona_after_stop(job, Persona.Status.CANCELLED)
         _finish(job, Job.Status.CANCELLED)
     except TRANSIENT_ERRORS as error:

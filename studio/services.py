@@ -123,8 +123,14 @@ def add_photos(persona: Persona, uploads: list[UploadedFile]) -> list[Refusal]:
             continue
         thumbnail = thumbnail_jpeg(jpeg)
         photo = Photo(persona=persona)
-        photo.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=False)
-        photo.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail), save=True)
+        try:
+            photo.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=False)
+            photo.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail), save=True)
+        except Exception:
+            for half_stored in (photo.image, photo.thumbnail):  # no selfie without its row
+                if half_stored:
+                    half_stored.delete(save=False)
+            raise
         stored.append(photo)
     if stored:
         try:
@@ -168,6 +174,8 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
             persona.save(update_fields=["preprocessed"])
             if old:
                 transaction.on_commit(lambda: default_storage.delete(old))
+            # A stopped build of the old photos can never resume now: its checkpoints go.
+            transaction.on_commit(lambda: training_folders.discard(persona.pk))
     finally:
         os.unlink(archive)
     return result
@@ -196,6 +204,7 @@ def delete_photo(photo: Photo) -> None:
     elif persona.preprocessed:
         persona.preprocessed.delete(save=False)
         persona.save(update_fields=["preprocessed"])
+        training_folders.discard(persona.pk)
 
 
 # --- Jobs: requests, fair dispatch, cancel, recovery -------------------------------------
@@ -494,9 +503,16 @@ def train_double(
     config = TrainConfig(
         caption=caption, max_steps=settings.TRAIN_MAX_STEPS, checkpoint_every=settings.TRAIN_CHECKPOINT_EVERY
     )
-    digest = training_folders.fingerprint(training_set, dataclasses.asdict(config), Path(settings.MODEL_DIR))
+    run = {
+        "training_set": persona.preprocessed.name,  # a new name whenever the photos change
+        "config": dataclasses.asdict(config),
+        "face_models": face_analyzer().model_id,  # they score the validation faces
+        "templates": sorted((path.name, path.stat().st_size) for path in DEMO_TEMPLATES.glob("*.jpg")),
+    }
+    digest = training_folders.fingerprint(run, Path(settings.MODEL_DIR))
+    out_dir = training_folders.training_folder(persona.pk, digest, persona.preprocessed.name)
     result = train_persona(
-        load_models(settings.MODEL_DIR), photos, training_folders.training_folder(persona.pk, digest),
+        load_models(settings.MODEL_DIR), photos, out_dir,
         functools.partial(largest_face_embeddings, face_analyzer()), list(validation_templates()),
         config, progress=progress, cancel=cancel,
     )

@@ -8,9 +8,13 @@ training folders that no build will resume (studio.training_folders).
 
 from __future__ import annotations
 
+import logging
+
 from rq import SimpleWorker
 
 from studio import services, training_folders
+
+log = logging.getLogger(__name__)
 
 MAINTENANCE_INTERVAL_S = 20
 
@@ -28,4 +32,7 @@ class StudioWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
         services.recover_abandoned_jobs()
-        training_folders.sweep()
+        try:
+            training_folders.sweep()
+        except Exception:  # a full or failing disk must not stop the worker (RQ quits on errors here)
+            log.exception("sweeping the training folders failed; the next round tries again")

@@ -25,7 +25,8 @@ def database_url_for_processes() -> str:
 
 
 def start_worker(*extra: str, **env: str) -> subprocess.Popen:
-    """`manage.py rqworker gpu default`, the documented worker command, on this test's media folder."""
+    """`manage.py rqworker gpu default`, the documented worker command, on this test's media and
+    training folders."""
     return subprocess.Popen(
         [sys.executable, "manage.py", "rqworker", "gpu", "default", *extra],
         cwd=ROOT,
@@ -33,6 +34,7 @@ def start_worker(*extra: str, **env: str) -> subprocess.Popen:
             **os.environ,
             "DATABASE_URL": database_url_for_processes(),
             "DATA_DIR": str(Path(settings.MEDIA_ROOT).parent),
+            "TRAINING_DIR": str(settings.TRAINING_DIR),
             **env,
         },
         stdout=subprocess.PIPE,

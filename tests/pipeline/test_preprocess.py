@@ -8,14 +8,16 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
 from pipeline.common import CancelToken, Cancelled, Progress
+from pipeline.faces import model_files_id
 from pipeline.preprocess import (
-    REASONS, PhotoCheck, PreprocessConfig, check_photo, load_photo, preprocess, write_preprocessed,
+    REASONS, PhotoCheck, PreprocessConfig, check_key, check_photo, load_photo, preprocess, write_preprocessed,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -222,7 +224,7 @@ class CountingAnalyzer:
 
     def __init__(self, analyzer) -> None:
         self.analyzer, self.calls = analyzer, 0
-        self.name, self.thresholds = analyzer.name, analyzer.thresholds
+        self.name, self.thresholds, self.model_id = analyzer.name, analyzer.thresholds, analyzer.model_id
 
     def analyze(self, image):
         self.calls += 1
@@ -243,3 +245,22 @@ def test_known_checks_stand_in_for_analysis_and_give_the_same_result(result, per
     assert all(np.array_equal(a.embedding, b.embedding) for a, b in zip(again.train, result.train))
     assert again.reference.name == result.reference.name
     assert [c.to_json() for c in again.checks] == [c.to_json() for c in result.checks]
+
+
+def test_checks_are_keyed_by_the_face_models_their_thresholds_and_the_settings(dlib_analyzer, tmp_path):
+    key = check_key(dlib_analyzer, PreprocessConfig())
+    assert dlib_analyzer.model_id.startswith("dlib-") and key.startswith(dlib_analyzer.model_id)
+
+    def stand_in(**changes):
+        fields = {"name": "dlib", "model_id": dlib_analyzer.model_id, "thresholds": dlib_analyzer.thresholds}
+        return SimpleNamespace(**{**fields, **changes})
+
+    assert check_key(stand_in(), PreprocessConfig()) == key
+    stricter = replace(dlib_analyzer.thresholds, min_sharpness=1.0)
+    assert check_key(stand_in(thresholds=stricter), PreprocessConfig()) != key
+    assert check_key(stand_in(), PreprocessConfig(crop_scale=2.5)) != key
+    pack = tmp_path / "w600k_r50.onnx"
+    pack.write_bytes(b"a" * 10)
+    first = model_files_id("insightface", [pack])
+    pack.write_bytes(b"a" * 11)  # another pack in the same folder
+    assert model_files_id("insightface", [pack]) != first
