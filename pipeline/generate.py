@@ -509,6 +509,14 @@ class DiffusionEngine:
                 stack.enter_context(graphed.installed())
             yield
 
+    def forget_lora(self) -> None:
+        """Drops the kept persona's fused weights (the models hold the originals between calls)."""
+        import torch
+
+        self.lora = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def encode_prompt(self, prompts: list[tuple[str, str]]):
         """(prompt, negative) embeddings, one row per image, computed once for both passes."""
         import torch

@@ -480,6 +480,18 @@ def diffusion_engine() -> DiffusionEngine:
     return DiffusionEngine.from_models(load_models(settings.MODEL_DIR))
 
 
+def forget_deleted_lora() -> None:
+    """A worker keeps the last double's fused LoRA for its next portraits; once that double is
+    deleted or rebuilt (its stored file is gone), the weights leave the worker's memory too.
+    Never loads the engine: a worker that has not rendered holds nothing."""
+    if diffusion_engine.cache_info().currsize == 0:
+        return
+    engine = diffusion_engine()
+    if engine.lora is not None and not default_storage.exists(engine.lora.key[0]):
+        log.info("forgetting the fused LoRA of a deleted double")
+        engine.forget_lora()
+
+
 @functools.cache
 def validation_templates() -> tuple[ValidationTemplate, ...]:
     """The built-in validation templates: the demo portraits and their largest faces."""

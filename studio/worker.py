@@ -3,7 +3,8 @@
 It does not fork (RQ's default forks per job): models loaded by one job stay resident for
 the next, and a parent that touched CUDA never forks a CUDA child. Every maintenance round
 (each `MAINTENANCE_INTERVAL_S`) it also fails jobs whose worker was lost and removes the
-training folders that no build will resume (studio.training_folders).
+training folders that no build will resume (studio.training_folders) and forgets the fused
+LoRA of a double deleted since its last portraits.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class StudioWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
         services.recover_abandoned_jobs()
+        services.forget_deleted_lora()
         try:
             training_folders.sweep()
         except Exception:  # a full or failing disk must not stop the worker (RQ quits on errors here)

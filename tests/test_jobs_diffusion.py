@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from pipeline.tinykit import build_tiny_kit
@@ -80,6 +81,28 @@ def test_the_next_portraits_of_a_double_reuse_its_fused_lora(owner, tiny_diffusi
     jobs.make_portraits(services.request_portraits(other, templates[:1]).id)
     assert services.diffusion_engine().lora.key[0] == other.lora_file.name
     assert copied.count("persona_lora.safetensors") == 1
+
+
+def test_a_deleted_doubles_fused_lora_leaves_the_worker(owner, tiny_diffusion):
+    persona = ready_diffusion_persona(owner)
+    (template,) = demo_templates(owner, 1)
+    jobs.make_portraits(services.request_portraits(persona, [template]).id)
+    engine = services.diffusion_engine()
+    services.forget_deleted_lora()
+    assert engine.lora is not None  # still the persona's: kept for its next portraits
+
+    unet = engine.pass1.unet
+    before = {name: weight.clone() for name, weight in unet.state_dict().items()}
+    services.delete_all_data(owner, delete_account=False)
+    services.forget_deleted_lora()
+    assert engine.lora is None
+    after = unet.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # the base weights, untouched
+
+
+def test_forgetting_loras_never_loads_the_engine(tiny_diffusion):
+    services.forget_deleted_lora()
+    assert services.diffusion_engine.cache_info().currsize == 0
 
 
 def test_a_stopped_build_resumes_from_its_last_checkpoint(owner, tiny_diffusion, training_dir, monkeypatch, caplog):
