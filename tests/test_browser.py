@@ -54,6 +54,18 @@ def site(tmp_path):
         print(output.decode(errors="replace")[-4000:])  # shown when the test fails
 
 
+def screenshot(page, name: str) -> None:
+    """A full-page screenshot once every image on the page has loaded: each is scrolled into view
+    first (they load lazily), and one that the site failed to serve fails the test."""
+    images = page.locator("img")
+    for index in range(images.count()):
+        image = images.nth(index)
+        image.scroll_into_view_if_needed()
+        expect(image).to_have_js_property("complete", True)
+        assert image.evaluate("image => image.naturalWidth") > 0, image.get_attribute("src")
+    page.screenshot(path=ARTIFACTS / name, full_page=True)
+
+
 def test_sign_up_to_portraits_to_deleting_everything(site, owner):
     assert Path(CHROMIUM).exists(), "the browser test needs Debian's chromium (make test installs it)"
     first, second = demo_templates(owner, 2)  # staff content in the gallery
@@ -83,7 +95,7 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner):
         page.set_input_files("input[type=file]", [str(FACES / name) for name in FIVE_OBAMAS])
         page.click("button:has-text('Upload')")
         expect(page.locator(".counter")).to_contain_text("5 good photos.")
-        page.screenshot(path=ARTIFACTS / "1-photos.png", full_page=True)
+        screenshot(page, "1-photos.png")
 
         page.click("button:has-text('Build my digital double')")
         page.evaluate("window.notReloaded = true")
@@ -93,17 +105,17 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner):
         expect(page.locator("a:has-text('Choose templates')")).to_be_visible()
         expect(page.locator("input[type=file]")).to_have_count(0)
         assert page.evaluate("window.notReloaded") is True
-        page.screenshot(path=ARTIFACTS / "2-progress.png", full_page=True)
+        screenshot(page, "2-progress.png")
 
         page.goto(site + "/gallery/")
         page.check(f"input[name=templates][value='{first.id}']")
         page.check(f"input[name=templates][value='{second.id}']")
         page.click("button:has-text('Make my portraits')")
         page.evaluate("window.notReloaded = true")
-        page.screenshot(path=ARTIFACTS / "3-progress.png", full_page=True)  # the job, as it starts
+        screenshot(page, "3-progress.png")  # the job, as it starts
         expect(page.locator("#album-live .portrait")).to_have_count(2)
         assert page.evaluate("window.notReloaded") is True
-        page.screenshot(path=ARTIFACTS / "4-album-live.png", full_page=True)
+        screenshot(page, "4-album-live.png")
 
         page.reload()
         page.click(".album-group .portrait a >> nth=0")
@@ -123,7 +135,7 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner):
         expect(page.locator(".message")).to_contain_text("All your photos, doubles and portraits are deleted.")
         page.goto(site + "/album/")
         expect(page.locator("#album-empty")).to_be_visible()
-        page.screenshot(path=ARTIFACTS / "5-deleted.png", full_page=True)
+        screenshot(page, "5-deleted.png")
         browser.close()
 
     assert not any(path.exists() for path in stored)
