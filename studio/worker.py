@@ -33,8 +33,8 @@ class StudioWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
         services.recover_abandoned_jobs()
-        services.forget_deleted_lora()
-        try:
-            training_folders.sweep()
-        except Exception:  # a full or failing disk must not stop the worker (RQ quits on errors here)
-            log.exception("sweeping the training folders failed; the next round tries again")
+        for task in (services.forget_deleted_lora, training_folders.sweep):
+            try:
+                task()
+            except Exception:  # a failing disk or storage must not stop the worker (RQ quits on errors here)
+                log.exception("maintenance task %s failed; the next round tries again", task.__name__)
