@@ -18,10 +18,10 @@ it on the GPU). Rows:
   and out, the models as loaded (before ours converts them to channels_last);
 - ours: `pipeline.generate.render_portraits` end to end (fusion, controls, both passes, colour
   transfer, paste-back, identity) with a rank-128 persona LoRA fused; on CUDA once eager and once
-  with CUDA graphs (`--nchw`: also with graphs in the NCHW layout; `--compiled-norms`: also with
-  pipeline/norms.py's compiled GroupNorm), and the largest pixel
-  difference between eager and graphs. Then the seconds of each stage of one call, and with
-  `--profile` where the GPU time of the eager path goes (bench/profiling.py).
+  with CUDA graphs, and the largest pixel difference between eager and graphs. Each `--trial`
+  (`TRIALS`: the NCHW layout, the compiled GroupNorm, the "ControlNet is more important" control
+  mode) adds a row and its pixel difference from the default. Then the seconds of each stage of
+  one call, and with `--profile` where the GPU time of the eager path goes (bench/profiling.py).
 Last line `portrait_s=N batch4_portraits_per_s=N naive_portrait_s=N`.
 """
 
@@ -231,9 +231,15 @@ def stage_seconds(render, device: torch.device) -> dict[str, float]:
     return seconds
 
 
-def bench_diffusion(
-    shapes: str, device: torch.device, batch: int, profile: bool, nchw: bool, compiled_norms: bool
-) -> None:
+# --trial NAME: a variant timed beside the default one, as (what the row says, what it changes).
+TRIALS = {
+    "nchw": ("NCHW", {"channels_last": False}),
+    "compiled_norms": ("compiled GroupNorm", {"compiled_norms": True}),
+    "control_mode": ('control mode "ControlNet is more important"', {"control_mode": "control"}),
+}
+
+
+def bench_diffusion(shapes: str, device: torch.device, batch: int, profile: bool, trials: list[str]) -> None:
     from bench.train import random_models  # noqa: E402 (bench/ is a namespace package on REPO)
     from pipeline.models import CONTROLNET_KINDS
     from pipeline.tinykit import random_controlnet
@@ -266,12 +272,12 @@ def bench_diffusion(
     rows = [("naive diffusers two-pass", naive_s, naive_batch_s)]
     outputs, stages = {}, {}
     # The default configuration (CUDA graphs, channels_last) comes last: the summary line is its.
+    default = "ours, CUDA graphs" if cuda else "ours"
     variants = [("ours, eager", replace(config, cuda_graphs=False))] if cuda else []
-    if cuda and nchw:
-        variants.append(("ours, CUDA graphs, NCHW", replace(config, channels_last=False)))
-    if cuda and compiled_norms:
-        variants.append(("ours, CUDA graphs, compiled GroupNorm", replace(config, compiled_norms=True)))
-    variants.append(("ours, CUDA graphs" if cuda else "ours", config))
+    for trial in trials:
+        label, changes = TRIALS[trial]
+        variants.append((f"{default}, {label}", replace(config, **changes)))
+    variants.append((default, config))
     for name, variant in variants:
         engine = DiffusionEngine.from_models(models, variant)
 
@@ -296,10 +302,11 @@ def bench_diffusion(
 
             print(kernel_table(one, f"{name}, one portrait"), flush=True)
             print(kernel_table(many, f"{name}, {batch} portraits"), flush=True)
+    for trial in trials:
+        name = f"{default}, {TRIALS[trial][0]}"
+        diff = np.abs(outputs[name] - outputs[default])
+        print(f"{name} vs {default}: max pixel diff {diff.max()}, mean {diff.mean():.3f}")
     if cuda:
-        if "ours, CUDA graphs, compiled GroupNorm" in outputs:
-            diff = np.abs(outputs["ours, CUDA graphs, compiled GroupNorm"] - outputs["ours, CUDA graphs"])
-            print(f"compiled GroupNorm vs PyTorch's: max pixel diff {diff.max()}, mean {diff.mean():.3f}")
         diff = np.abs(outputs["ours, eager"] - outputs["ours, CUDA graphs"])
         graphed = engine.graphed
         print(f"graphs captured: {sum(len(g.graphs) for g in graphed)}, "
@@ -330,9 +337,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3, help="classic: rounds over the templates")
     parser.add_argument("--profile", action="store_true", help="diffusion: GPU kernel tables of the eager path")
-    parser.add_argument("--nchw", action="store_true", help="diffusion, CUDA: also time the NCHW layout")
-    parser.add_argument("--compiled-norms", action="store_true",
-                        help="diffusion, CUDA: also time pipeline/norms.py's compiled GroupNorm (an experiment)")
+    parser.add_argument("--trial", action="append", default=[], choices=sorted(TRIALS),
+                        help="diffusion: also time a variant (repeatable): nchw (layout, CUDA only), compiled_norms "
+                             "(pipeline/norms.py's GroupNorm), control_mode (webui's 'ControlNet is more "
+                             "important': ControlNets on the conditional half only; changes the output)")
     parser.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces")
     args = parser.parse_args()
 
@@ -347,7 +355,7 @@ def main() -> None:
     if args.engine == "classic":
         bench_classic(args.faces, args.rounds)
     else:
-        bench_diffusion(args.shapes, device, args.batch, args.profile, args.nchw, args.compiled_norms)
+        bench_diffusion(args.shapes, device, args.batch, args.profile, args.trial)
 
 
 if __name__ == "__main__":

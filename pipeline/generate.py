@@ -14,7 +14,8 @@ Two engines behind `render_portraits`:
      exactly what a detector would find on the pasted image, without a second detection.
   3. Pass 1 inpaints the face mask (face box and shape, closed, dilated by face width / 10) with
      the persona LoRA at 0.9 and ControlNets canny 0.50 / colour 0.85 / openpose 0.50, strength
-     0.45 of 50 DPM++ 2M SDE Karras steps, CFG 7; then colour transfer toward the template.
+     0.45 of 50 DPM++ 2M SDE Karras steps, CFG 7, in webui's control mode "My prompt is more
+     important" (`GenerateConfig.control_mode`); then colour transfer toward the template.
   4. A second fusion (0.6).
   5. Pass 2 inpaints the ring around the face contour plus the mouth (canny 1.0 + tile 1.0,
      strength 0.30 of 20 steps): it repairs the seams the fusion leaves.
@@ -74,6 +75,8 @@ TEMPLATE_REASONS = {
     "face_too_small": gettext_noop("The face in this template is too small; use a larger or closer photo."),
 }
 
+CONTROL_MODES = ("balanced", "prompt", "control")  # GenerateConfig.control_mode
+
 # dlib's 68-point layout: the outer lip.
 MOUTH_LANDMARKS = slice(48, 60)
 
@@ -110,12 +113,24 @@ class GenerateConfig:
         "bags under the eyes, glasses, worst quality, low quality, normal quality, lowres, watermark, nsfw"
     )
     guidance_scale: float = 7.0
+    # sd-webui-controlnet's control mode. EasyPhoto sets "My prompt is more important" on every
+    # unit ("to better control lips and eyes"): each ControlNet's 13 residuals are scaled from 0.1
+    # (the first down block) up to 1.0 (the middle block), webui's 0.825^(12 - i), here diffusers'
+    # guess-mode scales (10^(-(12 - i)/12), within 0.6% of them), on both halves of the CFG batch.
+    # "balanced" scales every residual evenly. "control" ("ControlNet is more important") adds to
+    # the soft scales what diffusers calls guess mode: the ControlNets see the conditional half only,
+    # which halves their arithmetic (38% of pass 1's) and changes the output.
+    control_mode: str = "prompt"
     pass1: InpaintPass = InpaintPass((("canny", 0.50), ("color", 0.85), ("openpose", 0.50)), 0.45, 50)
     pass2: InpaintPass = InpaintPass((("canny", 1.0), ("tile", 1.0)), 0.30, 20)
     seed: int = 0
     cuda_graphs: bool = True
     channels_last: bool = True  # UNet, VAE and ControlNet memory format (CUDA only)
     compiled_norms: bool = False  # experiment: pipeline.norms' compiled GroupNorm (see there)
+
+    def __post_init__(self) -> None:
+        if self.control_mode not in CONTROL_MODES:
+            raise ValueError(f"control_mode must be one of {', '.join(CONTROL_MODES)}, not {self.control_mode!r}")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -456,12 +471,13 @@ class DiffusionEngine:
             scheduler = DPMSolverMultistepScheduler.from_config(
                 models.scheduler.config, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True
             )
-            pipe = controlnet_inpaint_pipeline()(
+            pipeline_class = controlnet_inpaint_pipeline()
+            pipe = pipeline_class(
                 vae=models.vae,
                 text_encoder=models.text_encoder,
                 tokenizer=models.tokenizer,
                 unet=models.unet,
-                controlnet=[models.controlnet(kind) for kind, _ in step.controlnets],
+                controlnet=pipeline_class.ControlNets([models.controlnet(kind) for kind, _ in step.controlnets]),
                 scheduler=scheduler,
                 safety_checker=None,
                 feature_extractor=None,
@@ -575,15 +591,38 @@ class FusedLora:
 
 @functools.cache
 def controlnet_inpaint_pipeline() -> type:
-    """diffusers' ControlNet inpaint pipeline without the VAE encode of the masked image.
+    """diffusers' ControlNet inpaint pipeline with webui's control modes, without the VAE encode of
+    the masked image.
 
-    Those latents are an input of 9-channel inpainting UNets only; SD1.5's UNet has 4 channels and
-    never reads them, yet the pipeline encodes the masked image of every portrait in both passes
-    (2.3% of a portrait's arithmetic, bench/flops.py). A latent-shaped placeholder takes its place.
+    `control_mode` (GenerateConfig's): diffusers ties the soft per-block scales of guess mode to
+    running the ControlNets on the conditional half only; EasyPhoto's mode wants the scales on the
+    whole CFG batch, so the ControlNets get guess mode on their own (`SoftScaledControlNets`, which
+    the pipeline must be built with).
+
+    The masked image's latents are an input of 9-channel inpainting UNets only; SD1.5's UNet has 4
+    channels and never reads them, yet the pipeline encodes the masked image of every portrait in
+    both passes (2.3% of a portrait's arithmetic, bench/flops.py). A latent-shaped placeholder
+    takes its place.
     """
     from diffusers import StableDiffusionControlNetInpaintPipeline
+    from diffusers.models import MultiControlNetModel
+
+    class SoftScaledControlNets(MultiControlNetModel):
+        """The ControlNets summed; with `soft_scales` each one scales its residuals as in guess
+        mode, whichever part of the batch the pipeline hands it."""
+
+        soft_scales = False
+
+        def forward(self, *args, guess_mode: bool = False, **kwargs):
+            return super().forward(*args, guess_mode=guess_mode or self.soft_scales, **kwargs)
 
     class ControlNetInpaintPipeline(StableDiffusionControlNetInpaintPipeline):
+        ControlNets = SoftScaledControlNets  # the `controlnet` it is built with
+
+        def __call__(self, *args, control_mode: str = "balanced", **kwargs):
+            self.controlnet.soft_scales = control_mode != "balanced"
+            return super().__call__(*args, guess_mode=control_mode == "control", **kwargs)
+
         def prepare_mask_latents(self, mask, masked_image, *args, **kwargs):
             if self.unet.config.in_channels == 4:
                 side = self.vae_scale_factor
@@ -653,6 +692,7 @@ def inpaint(
             # One (batch, H, W, 3) array per ControlNet: diffusers refuses nested lists of images.
             control_image=[np.stack(controls[kind]).astype(np.float32) / 255.0 for kind, _ in step.controlnets],
             controlnet_conditioning_scale=[scale for _, scale in step.controlnets],
+            control_mode=config.control_mode,
             height=size,
             width=size,
             strength=step.strength,

@@ -188,7 +188,10 @@ def diffusion_run(models, persona, biden, face_photo, dlib_analyzer, lora_file):
     key = next(k for k in original if "attn1.to_q.weight" in k)
     hooks = [
         models.controlnet(kind).register_forward_pre_hook(
-            lambda _m, _a, kwargs, kind=kind: net_calls.append((kind, kwargs["conditioning_scale"])), with_kwargs=True
+            lambda _m, _a, kwargs, kind=kind: net_calls.append(
+                (kind, kwargs["conditioning_scale"], kwargs["guess_mode"], len(kwargs["sample"]))
+            ),
+            with_kwargs=True,
         )
         for kind in ("canny", "color", "openpose", "tile")
     ]
@@ -223,17 +226,84 @@ def test_diffusion_runs_both_passes_in_one_batch_with_the_configured_controlnets
     assert TINY.pass1.controlnets == (("canny", 0.50), ("color", 0.85), ("openpose", 0.50))
     assert TINY.pass2.controlnets == (("canny", 1.0), ("tile", 1.0))
     # What the ControlNets themselves were run with, every denoising step (CFG doubles the batch).
-    seen = {(kind, scale) for kind, scale in diffusion_run["net_calls"]}
+    seen = {(kind, scale) for kind, scale, *_ in diffusion_run["net_calls"]}
     assert seen == {("canny", 0.5), ("color", 0.85), ("openpose", 0.5), ("canny", 1.0), ("tile", 1.0)}
     # Each pass encodes each template's init image once (one generator each), and no masked image.
     assert diffusion_run["vae_encodes"] == [1, 1] * 2
-    assert sum(kind == "openpose" for kind, _ in diffusion_run["net_calls"]) == int(8 * 0.45)
+    assert sum(kind == "openpose" for kind, *_ in diffusion_run["net_calls"]) == int(8 * 0.45)
     # Pass 2's tile control is the pass-2 input image itself.
     _, second = calls[1]
     tile = second["control_image"][1]
     assert np.allclose(tile[0] * 255, np.asarray(second["image"][0]), atol=0.5)
     stages = [r.stage for r in diffusion_run["reports"]]
     assert "pass 1" in stages and "pass 2" in stages and stages[-1] == "finishing"
+
+
+def test_controlnets_run_in_easyphotos_control_mode_on_both_cfg_halves(diffusion_run):
+    """EasyPhoto's "My prompt is more important": soft scales (guess mode) on the whole CFG batch."""
+    assert TINY.control_mode == GenerateConfig().control_mode == "prompt"
+    assert {(guess, batch) for *_, guess, batch in diffusion_run["net_calls"]} == {(True, 2 * 2)}
+
+
+def test_prompt_mode_scales_each_residual_from_a_tenth_to_one(diffusion_run):
+    nets = diffusion_run["engine"].pass1._pipe.controlnet
+    torch.manual_seed(0)
+    inputs = dict(
+        sample=torch.randn(2, 4, 16, 16),
+        timestep=torch.tensor(500),
+        encoder_hidden_states=torch.randn(2, 77, 32),
+        controlnet_cond=[torch.rand(2, 3, 128, 128) for _ in nets.nets],
+        conditioning_scale=[0.5, 0.85, 0.5],
+        return_dict=False,
+    )
+    outputs = {}
+    for soft in (False, True):
+        nets.soft_scales = soft
+        with torch.no_grad():
+            down, mid = nets(**inputs)
+        outputs[soft] = [*down, mid]
+    balanced, scaled = outputs[False], outputs[True]
+    factors = torch.logspace(-1, 0, len(balanced))
+    assert all(r.abs().mean() > 1e-3 for r in balanced)
+    for even, soft, factor in zip(balanced, scaled, factors):
+        torch.testing.assert_close(soft, even * factor)
+    # At SD1.5's 13 residuals these are webui's 0.825^(12 - i) to within 0.6%.
+    webui = torch.tensor([0.825 ** (12 - i) for i in range(13)])
+    torch.testing.assert_close(torch.logspace(-1, 0, 13), webui, rtol=6e-3, atol=0)
+
+
+@pytest.mark.parametrize("mode, guess, batch", [("balanced", False, 2), ("control", True, 1)])
+def test_other_control_modes(mode, guess, batch, diffusion_run, models, persona, biden, dlib_analyzer, lora_file):
+    """"balanced" scales evenly on both CFG halves; "control" runs the ControlNets on the conditional
+    half only, and the UNet's unconditional half gets no residuals."""
+    config = replace(TINY, control_mode=mode)
+    engine = DiffusionEngine.from_models(models, config)
+    net_calls, unconditional = [], []
+
+    def on_net(_module, _args, kwargs):
+        net_calls.append((kwargs["guess_mode"], len(kwargs["sample"])))
+
+    def on_unet(_module, _args, kwargs):
+        residuals = kwargs["down_block_additional_residuals"]
+        unconditional.append(max(float(r[: len(r) // 2].abs().max()) for r in residuals))
+
+    hooks = [models.controlnet(kind).register_forward_pre_hook(on_net, with_kwargs=True)
+             for kind in ("canny", "color", "openpose", "tile")]
+    hooks.append(models.unet.register_forward_pre_hook(on_unet, with_kwargs=True))
+    try:
+        (result,) = render_portraits(persona, [biden], dlib_analyzer, config, engine=engine, lora=lora_file)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert set(net_calls) == {(guess, batch)} and len(net_calls) == 3 * 3 + 2 * 3
+    assert (max(unconditional) == 0.0) == (mode == "control")
+    prompt_mode = np.asarray(diffusion_run["results"][0].crop).astype(int)
+    assert np.abs(np.asarray(result.crop).astype(int) - prompt_mode).max() > 0
+
+
+def test_an_unknown_control_mode_is_refused():
+    with pytest.raises(ValueError, match="balanced, prompt, control"):
+        GenerateConfig(control_mode="strong")
 
 
 def test_template_words_come_first_after_the_trigger_phrase(biden):
