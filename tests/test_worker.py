@@ -1,8 +1,9 @@
 """Real worker processes: live progress to the owner only, cancel while running, a killed worker,
-maintenance."""
+maintenance; and one maintenance round of a worker in this process, against the test Redis."""
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 import time
@@ -16,6 +17,7 @@ from django.urls import reverse
 from photobooth.asgi import application
 from studio import services
 from studio.models import Job, Portrait
+from studio.worker import StudioWorker
 from tests.jobs_fixtures import demo_templates, persona_with_photos, ready_persona
 from tests.processes import start_worker
 
@@ -115,3 +117,37 @@ def test_worker_removes_training_folders_no_build_will_resume(workers, settings)
     (deleted_double / "checkpoints").mkdir(parents=True)
     workers()
     wait_for(lambda: not deleted_double.exists(), 60, "the worker's maintenance to remove the folder")
+
+
+def in_process_worker() -> StudioWorker:
+    import django_rq
+
+    queues = [django_rq.get_queue("gpu"), django_rq.get_queue("default")]
+    return StudioWorker(queues, connection=django_rq.get_connection("gpu"))
+
+
+def test_each_maintenance_round_forgets_deleted_loras_and_sweeps(settings, monkeypatch):
+    deleted_double = settings.TRAINING_DIR / "persona-987654-0123456789abcdef"
+    (deleted_double / "checkpoints").mkdir(parents=True)
+    calls = []
+    forget = services.forget_deleted_lora
+    monkeypatch.setattr(services, "forget_deleted_lora", lambda: calls.append("forget") or forget())
+    in_process_worker().run_maintenance_tasks()
+    assert calls == ["forget"] and not deleted_double.exists()
+
+
+def test_a_failing_maintenance_task_does_not_stop_the_others(settings, monkeypatch, caplog):
+    """RQ quits a worker whose maintenance raises: each task is guarded on its own, and logged."""
+    deleted_double = settings.TRAINING_DIR / "persona-987654-0123456789abcdef"
+    (deleted_double / "checkpoints").mkdir(parents=True)
+
+    def forget_deleted_lora():
+        raise OSError("media storage unreachable")
+
+    monkeypatch.setattr(services, "forget_deleted_lora", forget_deleted_lora)
+    with caplog.at_level(logging.ERROR, logger="studio.worker"):
+        in_process_worker().run_maintenance_tasks()
+    assert not deleted_double.exists()
+    (record,) = [r for r in caplog.records if r.name == "studio.worker"]
+    assert record.getMessage() == "maintenance task forget_deleted_lora failed; the next round tries again"
+    assert "media storage unreachable" in caplog.text
