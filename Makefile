@@ -20,11 +20,14 @@ run: install
 	$(PY) manage.py seed_demo
 	$(PY) -m photobooth.dev run
 
-# The browser test needs Debian's chromium; install it when missing (root, or sudo).
+# The browser test needs Debian's chromium, and a CJK font so its screenshots show the Chinese
+# words (the language menu); install them when missing (root, or sudo).
+BROWSER_PACKAGES := chromium fonts-wqy-microhei
 chromium:
-	@command -v chromium >/dev/null || { echo "Installing Debian's chromium for the browser test"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
+	@{ command -v chromium && fc-list :lang=zh | grep -q .; } >/dev/null 2>&1 || { \
+	  echo "Installing Debian's $(BROWSER_PACKAGES) for the browser test"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(BROWSER_PACKAGES); \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq $(BROWSER_PACKAGES); fi; }
 
 test: install chromium
 	$(PY) -m pytest
