@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import json
 import logging
 import os
 import shutil
@@ -156,7 +157,7 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
         with photo.image.open("rb") as stored:
             inputs.append((str(photo.id), stored.read()))
     known = {str(photo.id): check for photo in photos if (check := _stored_check(photo)) is not None}
-    result = preprocess(inputs, face_analyzer(), known=known)
+    result = preprocess(inputs, face_analyzer(), known=known, cut=_stored_cuts(persona))
     with tempfile.TemporaryDirectory(prefix="photobooth-preprocess-") as folder:
         summary = write_preprocessed(result, folder)
         archive = shutil.make_archive(str(Path(folder).parent / Path(folder).name), "zip", folder)
@@ -179,6 +180,24 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
     finally:
         os.unlink(archive)
     return result
+
+
+def _stored_cuts(persona: Persona) -> dict[str, Image.Image]:
+    """The last analysis's training images by photo id, from the stored folder; none if unreadable
+    (they are then cut again)."""
+    if not persona.preprocessed:
+        return {}
+    try:
+        with persona.preprocessed.open("rb") as stored, zipfile.ZipFile(stored) as archive:
+            record = json.loads(archive.read("persona.json"))
+            cuts = {}
+            for item in record["train"]:
+                with archive.open(item["image"]) as image:
+                    cuts[item["name"]] = Image.open(image).convert("RGB")
+            return cuts
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
+        log.warning("the stored training images of persona %s are unreadable; cutting them again", persona.pk)
+        return {}
 
 
 def _stored_check(photo: Photo) -> PhotoCheck | None:

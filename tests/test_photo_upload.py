@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import reverse
+import numpy as np
 from PIL import Image
 
 from studio import services
@@ -205,3 +209,48 @@ def test_more_photos_or_fewer_analyse_only_new_ones(owner_client, persona, conse
     upload(owner_client, persona, ("last.jpg", face("obama2.jpg")))
     assert len(analysed) == 6  # the new photo, and the damaged one again
     assert persona.photos.filter(status="accepted").count() == 3
+
+
+def stored_cuts(persona) -> dict[str, Image.Image]:
+    """The training images in the persona's stored folder, by photo id."""
+    persona.refresh_from_db()
+    with persona.preprocessed.open("rb") as stored, zipfile.ZipFile(stored) as archive:
+        record = json.loads(archive.read("persona.json"))
+        return {item["name"]: Image.open(archive.open(item["image"])).convert("RGB") for item in record["train"]}
+
+
+def rewrite_stored_folder(persona, change) -> None:
+    """Rewrites the stored zip with change(name, data) applied to each member."""
+    persona.refresh_from_db()
+    path = Path(persona.preprocessed.path)
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, change(name, data))
+
+
+def test_the_next_analysis_keeps_the_cut_outs_of_photos_it_knows(owner_client, persona, consented):
+    upload(owner_client, persona, *[(name, face(name)) for name in ("obama.jpg", "obama1.jpg")])
+    cuts = stored_cuts(persona)
+    kept = next(iter(cuts))
+    record = json.loads(zipfile.ZipFile(persona.preprocessed.path).read("persona.json"))
+    kept_file = next(item["image"] for item in record["train"] if item["name"] == kept)
+    marker = encoded(Image.new("RGB", cuts[kept].size, (12, 200, 40)), "PNG")  # no segmenter draws this
+    rewrite_stored_folder(persona, lambda name, data: marker if name == kept_file else data)
+
+    upload(owner_client, persona, ("more.jpg", face("obama3.jpg")))
+    again = stored_cuts(persona)
+    assert len(again) == 3
+    assert np.asarray(again[kept]).reshape(-1, 3).tolist().count([12, 200, 40]) == 512 * 512
+    (new,) = set(again) - set(cuts)
+    assert np.asarray(again[new])[0, 0].tolist() == [255, 255, 255]  # cut for the first time, onto white
+
+
+def test_unreadable_stored_cut_outs_are_cut_again(owner_client, persona, consented, caplog):
+    upload(owner_client, persona, ("obama.jpg", face("obama.jpg")))
+    rewrite_stored_folder(persona, lambda name, data: b"not json" if name == "persona.json" else data)
+    with caplog.at_level(logging.WARNING, logger="studio.services"):
+        upload(owner_client, persona, ("more.jpg", face("obama3.jpg")))
+    assert "unreadable; cutting them again" in caplog.text
+    assert len(stored_cuts(persona)) == 2

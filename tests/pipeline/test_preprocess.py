@@ -17,7 +17,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 from pipeline.common import CancelToken, Cancelled, Progress
 from pipeline.faces import model_files_id
 from pipeline.preprocess import (
-    REASONS, PhotoCheck, PreprocessConfig, check_key, check_photo, load_photo, preprocess, write_preprocessed,
+    REASONS, PhotoCheck, PreprocessConfig, check_key, check_photo, grabcut_onto_white, load_photo, preprocess,
+    write_preprocessed,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -245,6 +246,26 @@ def test_known_checks_stand_in_for_analysis_and_give_the_same_result(result, per
     assert all(np.array_equal(a.embedding, b.embedding) for a, b in zip(again.train, result.train))
     assert again.reference.name == result.reference.name
     assert [c.to_json() for c in again.checks] == [c.to_json() for c in result.checks]
+
+
+def test_known_photos_keep_their_cut_out_and_the_others_are_cut(result, persona_photos, dlib_analyzer):
+    """An earlier run's training image stands in for segmenting a photo whose check is known."""
+    known = {name: check for (name, _), check in zip(persona_photos, result.checks)}
+    first, second, third = (item.name for item in result.train[:3])
+    del known[third]  # analysed again, so cut again
+    stand_in = Image.new("RGB", result.train[0].image.size, (12, 200, 40))  # no segmenter draws this
+    cut = {first: stand_in, second: stand_in.resize((64, 64)), third: stand_in}  # second: not its crop's size
+    segmented = []
+
+    def grabcut(image, box):
+        segmented.append(image.size)
+        return grabcut_onto_white(image, box)
+
+    again = preprocess(persona_photos, dlib_analyzer, known=known, cut=cut, segment=grabcut)
+    images = {item.name: item.image for item in again.train}
+    assert images[first] is stand_in and len(segmented) == len(again.train) - 1
+    assert images[second].size == stand_in.size and images[third] is not stand_in
+    assert np.asarray(images[third])[0, 0].tolist() == [255, 255, 255]  # a fresh cut, onto white
 
 
 def test_checks_are_keyed_by_the_face_models_their_thresholds_and_the_settings(dlib_analyzer, tmp_path):
