@@ -18,7 +18,9 @@ Two engines behind `render_portraits`:
      important" (`GenerateConfig.control_mode`); then colour transfer toward the template.
   4. A second fusion (0.6).
   5. Pass 2 inpaints the ring around the face contour plus the mouth (canny 1.0 + tile 1.0,
-     strength 0.30 of 20 steps): it repairs the seams the fusion leaves.
+     strength 0.30 of 20 steps): it repairs the seams the fusion leaves. It starts from the
+     0.6 blend; its controls are drawn from the full fusion, as in EasyPhoto. Then colour
+     transfer of the face toward the template's face (EasyPhoto's "color shift last").
   6. Retouch hook, paste back into the full template, super-resolution hook.
   7. Identity score: cosine between the output face's embedding and the reference face's.
 
@@ -345,6 +347,13 @@ def color_transfer(
     lab[..., 0] = np.clip(lab[..., 0], 0, 100)
     rgb = cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_LAB2RGB)
     return np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def recolour_face(image: np.ndarray, template: np.ndarray, shape: np.ndarray, face: Face, config: GenerateConfig):
+    """The face in `image` recoloured toward the template's own face, inside the face shape
+    (EasyPhoto's "color shift last", on by default there): diffusion drifts the skin tone."""
+    toned = color_transfer(image, template, shape, shape)
+    return composite(image, toned, feathered(shape, face, config))
 
 
 def fuse_face(
@@ -752,15 +761,16 @@ def _diffusion(
         engine.pass1, config.pass1, first, masks1, controls, embeds, config,
         lambda f: progress(Progress("pass 1", min(f, 1.0))), cancel,
     )
-    second = []
+    second, fully_fused = [], []
     for crop, shape, fused, mask, image in zip(crops, shapes, first, masks1, generated):
         toned = color_transfer(image, crop.image, mask, mask)
         passed = composite(fused, toned, feathered(mask, crop.face, config))
-        second.append(
-            fuse_face(passed, crop.face, shape, persona.reference, persona.reference_keypoints, config.fusion_ratio)
-        )
+        full = fuse_face(passed, crop.face, shape, persona.reference, persona.reference_keypoints, 1.0)
+        fully_fused.append(full)
+        second.append(composite(passed, full, np.full(shape.shape, config.fusion_ratio, np.float32)))
     masks2 = [edge_mask(c.face, s, config) for c, s in zip(crops, shapes)]
-    controls = {"canny": [canny_control(s, config) for s in second], "tile": second}
+    # As in EasyPhoto, pass 2 starts from the blend but is guided by the full fusion.
+    controls = {"canny": [canny_control(f, config) for f in fully_fused], "tile": fully_fused}
     cancel.raise_if_cancelled()
     progress(Progress("pass 2", 0.0))
     refined = inpaint(
@@ -769,7 +779,8 @@ def _diffusion(
     )
     return [
         _Rendered(
-            composite(s, r, feathered(m2, c.face, config)), {"face": shape, "paste": m1, "inpaint": m1, "edge": m2}
+            recolour_face(composite(s, r, feathered(m2, c.face, config)), c.image, shape, c.face, config),
+            {"face": shape, "paste": m1, "inpaint": m1, "edge": m2},
         )
         for c, shape, s, r, m1, m2 in zip(crops, shapes, second, refined, masks1, masks2)
     ]

@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -19,9 +20,13 @@ from pipeline.generate import (
     GenerateConfig,
     TemplateRefused,
     analyse_template,
+    canny_control,
+    crop_template,
+    face_shape,
     fuse_lora,
     load_persona,
     portrait_prompts,
+    recolour_face,
     render_portraits,
 )
 from pipeline.models import load_models
@@ -231,10 +236,18 @@ def test_diffusion_runs_both_passes_in_one_batch_with_the_configured_controlnets
     # Each pass encodes each template's init image once (one generator each), and no masked image.
     assert diffusion_run["vae_encodes"] == [1, 1] * 2
     assert sum(kind == "openpose" for kind, *_ in diffusion_run["net_calls"]) == int(8 * 0.45)
-    # Pass 2's tile control is the pass-2 input image itself.
+    # Pass 2 starts from the 0.6 blend of the second fusion; its tile control is the full fusion:
+    # the same image away from the face, and inside it further from the pass-1 result. The canny
+    # control is drawn from the full fusion too.
     _, second = calls[1]
-    tile = second["control_image"][1]
-    assert np.allclose(tile[0] * 255, np.asarray(second["image"][0]), atol=0.5)
+    for index, result in enumerate(diffusion_run["results"]):
+        tile, init = second["control_image"][1][index] * 255, np.asarray(second["image"][index]).astype(np.float32)
+        face = np.asarray(result.masks.face) > 127
+        near = cv2.dilate(face.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0  # the clone's seam
+        assert np.abs(tile - init)[~near].max() <= 0.5
+        assert np.abs(tile - init)[face].mean() > 1.0
+        canny = second["control_image"][0][index]
+        assert np.array_equal(canny > 0.5, canny_control(np.round(tile).astype(np.uint8), TINY) > 127)
     stages = [r.stage for r in diffusion_run["reports"]]
     assert "pass 1" in stages and "pass 2" in stages and stages[-1] == "finishing"
 
@@ -299,6 +312,21 @@ def test_other_control_modes(mode, guess, batch, diffusion_run, models, persona,
     assert (max(unconditional) == 0.0) == (mode == "control")
     prompt_mode = np.asarray(diffusion_run["results"][0].crop).astype(int)
     assert np.abs(np.asarray(result.crop).astype(int) - prompt_mode).max() > 0
+
+
+def test_the_last_colour_shift_brings_the_face_to_the_templates_tone(biden):
+    """EasyPhoto's "color shift last": inside the face shape, the template's Lab statistics."""
+    crop = crop_template(biden, TINY)
+    shape = face_shape(crop.face, (128, 128))
+    drifted = np.clip(crop.image.astype(int) + (40, -10, -25), 0, 255).astype(np.uint8)  # too red
+    toned = recolour_face(drifted, crop.image, shape, crop.face, TINY)
+
+    def face_lab(image):
+        return cv2.cvtColor(image.astype(np.float32) / 255, cv2.COLOR_RGB2LAB)[shape > 127].mean(axis=0)
+
+    template, before, after = face_lab(crop.image), face_lab(drifted), face_lab(toned)
+    assert np.abs(after - template).max() < 0.35 * np.abs(before - template).max()
+    assert np.array_equal(toned[shape == 0], drifted[shape == 0])
 
 
 def test_an_unknown_control_mode_is_refused():
@@ -420,3 +448,15 @@ def test_cancel_stops_the_render_and_restores_the_weights(models, persona, biden
             persona, [biden], dlib_analyzer, TINY, engine=engine, lora=lora_file, progress=progress, cancel=cancel
         )
     assert all(torch.equal(v, original[k]) for k, v in models.unet.state_dict().items())
+
+
+
+def test_the_portraits_face_ends_in_the_templates_tone(diffusion_run):
+    for result, template in zip(diffusion_run["results"], diffusion_run["templates"]):
+        shape = np.asarray(result.masks.face) > 127
+
+        def face_lab_mean(image):
+            return cv2.cvtColor(np.asarray(image).astype(np.float32) / 255, cv2.COLOR_RGB2LAB)[shape].mean(axis=0)
+
+        drift = face_lab_mean(result.crop) - face_lab_mean(crop_template(template, TINY).image)
+        assert np.abs(drift).max() < 2.0  # 4 to 12 without the last colour shift
