@@ -251,8 +251,12 @@ def _make_portraits(job: Job, report: JobReporter) -> None:
                     faces.append(
                         analyse_template(Image.open(stored), analyzer, template.prompt, template.negative_prompt)
                     )
+            # Each portrait its own noise, seeded by the job and the template's place in it: asking
+            # again for the same template gives another take, not a copy, and staff can redo one.
+            seed = job.pk * SEEDS_PER_JOB + index * PORTRAIT_BATCH
+            config = GenerateConfig(crop_size=settings.PORTRAIT_SIZE, seed=seed)
             results = render_portraits(
-                subject, faces, analyzer, GenerateConfig(crop_size=settings.PORTRAIT_SIZE), engine=engine, lora=lora,
+                subject, faces, analyzer, config, engine=engine, lora=lora,
                 progress=_within(report, index, len(batches)), cancel=report.cancel,
             )
             for template, result in zip(batch, results):
@@ -262,6 +266,7 @@ def _make_portraits(job: Job, report: JobReporter) -> None:
 
 # Templates rendered together: a GPU renders 4 in about the time of 1 (see bench/RESULTS.md).
 PORTRAIT_BATCH = 4
+SEEDS_PER_JOB = 10_000  # portrait seeds never repeat for jobs of fewer templates
 
 
 def _within(report: JobReporter, index: int, count: int) -> Callable[[Progress], None]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.tinykit import build_tiny_kit
@@ -81,6 +83,18 @@ def test_the_next_portraits_of_a_double_reuse_its_fused_lora(owner, tiny_diffusi
     jobs.make_portraits(services.request_portraits(other, templates[:1]).id)
     assert services.diffusion_engine().lora.key[0] == other.lora_file.name
     assert copied.count("persona_lora.safetensors") == 1
+
+
+def test_asking_again_for_a_template_gives_another_take(owner, tiny_diffusion):
+    persona = ready_diffusion_persona(owner)
+    (template,) = demo_templates(owner, 1)
+    takes = []
+    for _ in range(2):
+        job = services.request_portraits(persona, [template])
+        jobs.make_portraits(job.id)
+        with Portrait.objects.get(job=job).image.open("rb") as stored:
+            takes.append(np.asarray(Image.open(stored).convert("RGB")).astype(int))
+    assert takes[0].shape == takes[1].shape and np.abs(takes[0] - takes[1]).max() > 0
 
 
 def test_a_deleted_doubles_fused_lora_leaves_the_worker(owner, tiny_diffusion):
