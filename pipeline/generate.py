@@ -63,6 +63,7 @@ from pipeline.common import CancelToken, Progress, ProgressCallback, gettext_noo
 from pipeline.cudagraphs import GraphedForward
 from pipeline.faces import Face, FaceAnalyzer, load_face_analyzer
 from pipeline.norms import CompiledGroupNorms
+from pipeline.prompts import encode_prompts
 from pipeline.preprocess import PreprocessConfig, crop_around_face, load_photo, no_restoration
 
 if TYPE_CHECKING:
@@ -108,11 +109,16 @@ class GenerateConfig:
     canny_high: int = 200
     color_block: int = 64  # colour control: downscale x64, nearest upscale
     lora_scale: float = 0.9
+    # EasyPhoto's DEFAULT_POSITIVE and DEFAULT_NEGATIVE (scripts/easyphoto_config.py), weighted.
     prompt: str = (
-        "best quality, realistic, photo-realistic, finely detailed, light smile, ultra high res, raw photo"
+        "(cloth:1.5), (best quality), (realistic, photo-realistic:1.3), (detailed skin:1.3), (rough skin:1.3), "
+        "(beautiful eyes:1.3)"
     )
     negative_prompt: str = (
-        "bags under the eyes, glasses, worst quality, low quality, normal quality, lowres, watermark, nsfw"
+        "(bags under the eyes:1.5), (bags under eyes:1.5), (earrings:1.3), (glasses:1.2), (naked:1.5), (nsfw:1.5), "
+        "nude, breasts, penis, cum, (over red lips: 1.3), (bad lips: 1.3), (bad ears:1.3), (bad hair: 1.3), "
+        "(bad teeth: 1.3), (worst quality:2), (low quality:2), (normal quality:2), lowres, watermark, badhand, "
+        "lowres, bad anatomy, bad hands, normal quality, mural"
     )
     guidance_scale: float = 7.0
     # sd-webui-controlnet's control mode. EasyPhoto sets "My prompt is more important" on every
@@ -184,7 +190,7 @@ def analyse_template(
 
 def portrait_prompts(caption: str, template: TemplateFaces, config: GenerateConfig) -> tuple[str, str]:
     """(prompt, negative prompt) of one portrait: the persona's trigger phrase, the template's own
-    words, then the defaults (CLIP reads 77 tokens: what comes first is never cut off)."""
+    words, then the defaults, in webui's prompt syntax (pipeline.prompts)."""
     prompt = ", ".join(part for part in (caption, template.prompt, config.prompt) if part)
     negative = ", ".join(part for part in (template.negative_prompt, config.negative_prompt) if part)
     return prompt, negative
@@ -543,13 +549,12 @@ class DiffusionEngine:
             torch.cuda.empty_cache()
 
     def encode_prompt(self, prompts: list[tuple[str, str]]):
-        """(prompt, negative) embeddings, one row per image, computed once for both passes."""
-        import torch
-
-        with torch.no_grad():
-            return self.pass1.encode_prompt(
-                [p for p, _ in prompts], self.device, 1, True, [n for _, n in prompts]
-            )
+        """(prompt, negative) embeddings, one row per image, computed once for both passes; in
+        webui's prompt syntax (pipeline.prompts), all padded to one length."""
+        pipe = self.pass1
+        texts = [p for p, _ in prompts] + [n for _, n in prompts]
+        embeddings = encode_prompts(pipe.tokenizer, pipe.text_encoder, texts, self.device)
+        return embeddings[: len(prompts)], embeddings[len(prompts) :]
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,10 @@ class Template(models.Model):
     prompt = models.TextField(
         _("prompt"),
         blank=True,
-        help_text=_("Words for this style, added to the default prompt (for example: red scarf, studio light)."),
+        help_text=_(
+            "Words for this style, added to the default prompt, for example: red scarf, (studio light:1.2). "
+            "Round brackets give words more weight and square ones less, as in the webui."
+        ),
     )
     negative_prompt = models.TextField(
         _("negative prompt"), blank=True, help_text=_("What this style should avoid, added to the default list.")

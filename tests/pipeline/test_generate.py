@@ -244,7 +244,7 @@ def test_diffusion_runs_both_passes_in_one_batch_with_the_configured_controlnets
         tile, init = second["control_image"][1][index] * 255, np.asarray(second["image"][index]).astype(np.float32)
         face = np.asarray(result.masks.face) > 127
         near = cv2.dilate(face.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0  # the clone's seam
-        assert np.abs(tile - init)[~near].max() <= 0.5
+        assert np.abs(tile - init)[~near].max() <= 1.0  # rounding of the blend
         assert np.abs(tile - init)[face].mean() > 1.0
         canny = second["control_image"][0][index]
         assert np.array_equal(canny > 0.5, canny_control(np.round(tile).astype(np.uint8), TINY) > 127)
