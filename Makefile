@@ -22,7 +22,7 @@ run: install
 
 # The browser test needs Debian's chromium, and a CJK font so its screenshots show the Chinese
 # words (the language menu); install them when missing (root, or sudo).
-BROWSER_PACKAGES := chromium fonts-wqy-microhei
+BROWSER_PACKAGES := chromium fontconfig fonts-wqy-microhei
 chromium:
 	@{ command -v chromium && fc-list :lang=zh | grep -q .; } >/dev/null 2>&1 || { \
 	  echo "Installing Debian's $(BROWSER_PACKAGES) for the browser test"; \

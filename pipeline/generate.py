@@ -14,8 +14,9 @@ Two engines behind `render_portraits`:
      exactly what a detector would find on the pasted image, without a second detection.
   3. Pass 1 inpaints the face mask (face box and shape, closed, dilated by face width / 10) with
      the persona LoRA at 0.9 and ControlNets canny 0.50 / colour 0.85 / openpose 0.50, strength
-     0.45 of 50 DPM++ 2M SDE Karras steps, CFG 7, in webui's control mode "My prompt is more
-     important" (`GenerateConfig.control_mode`); then colour transfer toward the template.
+     0.45 of 50 DPM++ 2M SDE Karras steps, CFG 7; then colour transfer toward the template. Both
+     passes run their ControlNets in webui's control mode "My prompt is more important"
+     (`GenerateConfig.control_mode`), and read prompts in webui's syntax (pipeline.prompts).
   4. A second fusion (0.6).
   5. Pass 2 inpaints the ring around the face contour plus the mouth (canny 1.0 + tile 1.0,
      strength 0.30 of 20 steps): it repairs the seams the fusion leaves. It starts from the
@@ -363,11 +364,11 @@ def recolour_face(image: np.ndarray, template: np.ndarray, shape: np.ndarray, fa
 
 
 def fuse_face(
-    image: np.ndarray, face: Face, shape: np.ndarray, source: Image.Image, source_keypoints: np.ndarray, ratio: float
+    image: np.ndarray, face: Face, shape: np.ndarray, source: Image.Image, source_keypoints: np.ndarray
 ) -> np.ndarray:
-    """Blends the source face into `image` at `face`: similarity warp by the 5 keypoints, colour
-    transfer to the template's skin, Poisson seamless clone inside the face shape, then `ratio` of
-    the result over the image (EasyPhoto's face fusion ratio)."""
+    """The source face fused into `image` at `face`: similarity warp by the 5 keypoints, colour
+    transfer to the template's skin, Poisson seamless clone inside the face shape. EasyPhoto
+    blends a ratio of it over the image (`blend`)."""
     height, width = image.shape[:2]
     matrix = similarity_transform(source_keypoints, face.keypoints)
     warped = cv2.warpAffine(
@@ -380,8 +381,12 @@ def fuse_face(
         return image.copy()
     warped = color_transfer(warped, image, mask, mask)
     x, y, w, h = cv2.boundingRect(mask)
-    cloned = cv2.seamlessClone(warped, image, mask, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
-    return composite(image, cloned, np.full((height, width), ratio, np.float32))
+    return cv2.seamlessClone(warped, image, mask, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
+
+
+def blend(image: np.ndarray, other: np.ndarray, ratio: float) -> np.ndarray:
+    """`ratio` of `other` over `image` everywhere (EasyPhoto's face fusion ratio)."""
+    return composite(image, other, np.full(image.shape[:2], ratio, np.float32))
 
 
 def canny_control(image: np.ndarray, config: GenerateConfig) -> np.ndarray:
@@ -634,6 +639,8 @@ def controlnet_inpaint_pipeline() -> type:
         ControlNets = SoftScaledControlNets  # the `controlnet` it is built with
 
         def __call__(self, *args, control_mode: str = "balanced", **kwargs):
+            if not isinstance(self.controlnet, SoftScaledControlNets):
+                raise TypeError("build this pipeline with controlnet=ControlNetInpaintPipeline.ControlNets([...])")
             self.controlnet.soft_scales = control_mode != "balanced"
             return super().__call__(*args, guess_mode=control_mode == "control", **kwargs)
 
@@ -730,8 +737,10 @@ class _Rendered:
 
 def _classic(crop: TemplateCrop, persona: Persona, config: GenerateConfig) -> _Rendered:
     shape = face_shape(crop.face, (config.crop_size, config.crop_size))
-    fused = fuse_face(
-        crop.image, crop.face, shape, persona.reference, persona.reference_keypoints, config.classic_fusion_ratio
+    fused = blend(
+        crop.image,
+        fuse_face(crop.image, crop.face, shape, persona.reference, persona.reference_keypoints),
+        config.classic_fusion_ratio,
     )
     paste = cv2.dilate(shape, _disk(config.dilate_fraction * crop.face.width))
     return _Rendered(fused, {"face": shape, "paste": paste})
@@ -749,10 +758,9 @@ def _diffusion(
 ) -> list[_Rendered]:
     size = (config.crop_size, config.crop_size)
     shapes = [face_shape(c.face, size) for c in crops]
-    first = [
-        fuse_face(c.image, c.face, s, persona.reference, persona.reference_keypoints, config.fusion_ratio)
-        for c, s in zip(crops, shapes)
-    ]
+    reference, keypoints = persona.reference, persona.reference_keypoints
+    first = [blend(c.image, fuse_face(c.image, c.face, s, reference, keypoints), config.fusion_ratio)
+             for c, s in zip(crops, shapes)]
     controls = {
         "canny": [canny_control(f, config) for f in first],
         "color": [color_control(f, config) for f in first],
@@ -770,9 +778,9 @@ def _diffusion(
     for crop, shape, fused, mask, image in zip(crops, shapes, first, masks1, generated):
         toned = color_transfer(image, crop.image, mask, mask)
         passed = composite(fused, toned, feathered(mask, crop.face, config))
-        full = fuse_face(passed, crop.face, shape, persona.reference, persona.reference_keypoints, 1.0)
+        full = fuse_face(passed, crop.face, shape, reference, keypoints)
         fully_fused.append(full)
-        second.append(composite(passed, full, np.full(shape.shape, config.fusion_ratio, np.float32)))
+        second.append(blend(passed, full, config.fusion_ratio))
     masks2 = [edge_mask(c.face, s, config) for c, s in zip(crops, shapes)]
     # As in EasyPhoto, pass 2 starts from the blend but is guided by the full fusion.
     controls = {"canny": [canny_control(f, config) for f in fully_fused], "tile": fully_fused}

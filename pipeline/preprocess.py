@@ -36,6 +36,7 @@ Folder written by `write_preprocessed`, read by the training and portrait stages
 persona.json (version 1):
 
     {"version": 1, "backend": "dlib", "caption": "...",
+     "cut_key": "...",                            # how train/ was cut (preprocess's `cut`)
      "reference": {"name": "obama.jpg", "image": "reference.png",
                    "box": [x0, y0, x1, y1],       # the face, in reference.png pixels
                    "keypoints": [[x, y] x 5]}     # same pixels, faces.py order
@@ -189,6 +190,26 @@ def check_key(analyzer: FaceAnalyzer, config: PreprocessConfig) -> str:
     return f"{analyzer.model_id}/v{CHECK_VERSION}/{digest}"
 
 
+CUT_VERSION = 1  # raise when what grabcut_onto_white draws changes
+
+
+def cut_key(restore: Restorer, segment: Segmenter) -> str:
+    """Which restoration and segmentation cut the training images out of their crops."""
+
+    def name(function) -> str:
+        return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', type(function).__name__)}"
+
+    return f"{name(restore)}+{name(segment)}/v{CUT_VERSION}"
+
+
+@dataclass(frozen=True)
+class CutOuts:
+    """An earlier run's training images by photo name, and the `cut_key` they were cut with."""
+
+    key: str
+    images: Mapping[str, Image.Image]
+
+
 @dataclass(frozen=True)
 class PreprocessResult:
     backend: str
@@ -197,6 +218,7 @@ class PreprocessResult:
     train: list[TrainingImage]  # best first
     reference: ReferenceFace | None
     checks: list[PhotoCheck]  # in input order: what a later run may reuse
+    cut_key: str  # how the training images were cut: a later run reuses them when its own is the same
 
 
 @dataclass(frozen=True)
@@ -376,18 +398,21 @@ def preprocess(
     progress: ProgressCallback = ignore_progress,
     cancel: CancelToken | None = None,
     known: Mapping[str, PhotoCheck] | None = None,
-    cut: Mapping[str, Image.Image] | None = None,
+    cut: CutOuts | None = None,
 ) -> PreprocessResult:
     """Check, score and select the photos of one person and cut their training images.
 
     `known` maps photo names to an earlier run's checks (PreprocessResult.checks), which are
     taken instead of analysing those photos again; the selection is always made afresh.
-    `cut` maps photo names to that run's training images (PreprocessResult.train): a photo whose
-    check was taken from `known` has the same crop as then, so its cut-out is taken too instead
-    of restoring and segmenting the crop again (GrabCut is most of what is left to do).
+    `cut` holds that run's training images (PreprocessResult.train and .cut_key): a photo whose
+    check was taken from `known` has the same crop as then, so, when they were cut the same way,
+    its cut-out is taken too instead of restoring and segmenting the crop again (GrabCut is most
+    of what is left to do).
     """
     cancel = cancel or CancelToken()
-    known, cut = known or {}, cut or {}
+    known = known or {}
+    key = cut_key(restore, segment)
+    cut_outs = cut.images if cut is not None and cut.key == key else {}
     reused: set[str] = set()
     steps = len(photos) + min(len(photos), config.max_train_photos)
     decisions: dict[int, PhotoDecision] = {}
@@ -434,7 +459,7 @@ def preprocess(
     for done, candidate in enumerate(selected, start=len(photos) + 1):
         cancel.raise_if_cancelled()
         decisions[candidate.index] = PhotoDecision(candidate.name, True, None, candidate.scores)
-        image = cut.get(candidate.name) if candidate.name in reused else None
+        image = cut_outs.get(candidate.name) if candidate.name in reused else None
         if image is None or image.size != candidate.crop.image.size:
             image = segment(restore(candidate.crop.image), candidate.crop.box)
         train.append(TrainingImage(candidate.name, image, candidate.face.embedding))
@@ -452,6 +477,7 @@ def preprocess(
         train=train,
         reference=reference,
         checks=checks,
+        cut_key=key,
     )
 
 
@@ -499,6 +525,7 @@ def write_preprocessed(result: PreprocessResult, out_dir: str | Path) -> dict:
         "version": 1,
         "backend": result.backend,
         "caption": result.caption,
+        "cut_key": result.cut_key,
         "reference": reference,
         "train": train,
         "photos": [decision_json(decision) for decision in result.decisions],

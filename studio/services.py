@@ -39,7 +39,7 @@ from pipeline.common import Cancelled, CancelToken, ProgressCallback, gettext_no
 from pipeline.faces import FaceAnalyzer, largest_face_embeddings, load_face_analyzer
 from pipeline.generate import DiffusionEngine, analyse_template
 from pipeline.models import check_models, load_models
-from pipeline.preprocess import PhotoCheck, PreprocessResult, preprocess, write_preprocessed
+from pipeline.preprocess import CutOuts, PhotoCheck, PreprocessResult, preprocess, write_preprocessed
 from pipeline.train import TrainConfig, ValidationTemplate, read_preprocessed, train_persona
 from studio import training_folders
 from studio.models import FaceConsent, Job, Persona, Photo, Portrait, Template, owner_folder
@@ -182,22 +182,22 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
     return result
 
 
-def _stored_cuts(persona: Persona) -> dict[str, Image.Image]:
-    """The last analysis's training images by photo id, from the stored folder; none if unreadable
+def _stored_cuts(persona: Persona) -> CutOuts | None:
+    """The last analysis's training images by photo id, from the stored folder; None if unreadable
     (they are then cut again)."""
     if not persona.preprocessed:
-        return {}
+        return None
     try:
         with persona.preprocessed.open("rb") as stored, zipfile.ZipFile(stored) as archive:
             record = json.loads(archive.read("persona.json"))
-            cuts = {}
+            images = {}
             for item in record["train"]:
                 with archive.open(item["image"]) as image:
-                    cuts[item["name"]] = Image.open(image).convert("RGB")
-            return cuts
+                    images[item["name"]] = Image.open(image).convert("RGB")
+            return CutOuts(record.get("cut_key", ""), images)
     except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
         log.warning("the stored training images of persona %s are unreadable; cutting them again", persona.pk)
-        return {}
+        return None
 
 
 def _stored_check(photo: Photo) -> PhotoCheck | None:

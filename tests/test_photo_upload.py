@@ -247,6 +247,21 @@ def test_the_next_analysis_keeps_the_cut_outs_of_photos_it_knows(owner_client, p
     assert np.asarray(again[new])[0, 0].tolist() == [255, 255, 255]  # cut for the first time, onto white
 
 
+def test_cut_outs_of_another_segmenter_or_version_are_cut_again(owner_client, persona, consented):
+    upload(owner_client, persona, ("obama.jpg", face("obama.jpg")))
+    (kept,) = stored_cuts(persona)
+    marker = encoded(Image.new("RGB", (512, 512), (12, 200, 40)), "PNG")
+
+    def older(name, data):
+        if name == "persona.json":
+            return json.dumps({**json.loads(data), "cut_key": "pipeline.preprocess.grabcut_onto_white/v0"})
+        return marker if name.startswith("train/") and name.endswith(".png") else data
+
+    rewrite_stored_folder(persona, older)
+    upload(owner_client, persona, ("more.jpg", face("obama3.jpg")))
+    assert np.asarray(stored_cuts(persona)[kept])[0, 0].tolist() == [255, 255, 255]  # cut again, onto white
+
+
 def test_unreadable_stored_cut_outs_are_cut_again(owner_client, persona, consented, caplog):
     upload(owner_client, persona, ("obama.jpg", face("obama.jpg")))
     rewrite_stored_folder(persona, lambda name, data: b"not json" if name == "persona.json" else data)

@@ -21,6 +21,7 @@ from pipeline.generate import (
     TemplateRefused,
     analyse_template,
     canny_control,
+    controlnet_inpaint_pipeline,
     crop_template,
     face_shape,
     fuse_lora,
@@ -327,6 +328,16 @@ def test_the_last_colour_shift_brings_the_face_to_the_templates_tone(biden):
     template, before, after = face_lab(crop.image), face_lab(drifted), face_lab(toned)
     assert np.abs(after - template).max() < 0.35 * np.abs(before - template).max()
     assert np.array_equal(toned[shape == 0], drifted[shape == 0])
+
+
+def test_the_pipeline_refuses_controlnets_that_take_no_control_mode(models):
+    pipe = controlnet_inpaint_pipeline()(
+        vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
+        controlnet=[models.controlnet("canny")], scheduler=models.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    with pytest.raises(TypeError, match="ControlNets"):
+        pipe(prompt="a portrait", control_mode="prompt")
 
 
 def test_an_unknown_control_mode_is_refused():

@@ -17,8 +17,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 from pipeline.common import CancelToken, Cancelled, Progress
 from pipeline.faces import model_files_id
 from pipeline.preprocess import (
-    REASONS, PhotoCheck, PreprocessConfig, check_key, check_photo, grabcut_onto_white, load_photo, preprocess,
-    write_preprocessed,
+    REASONS, CutOuts, PhotoCheck, PreprocessConfig, check_key, check_photo, cut_key, grabcut_onto_white, load_photo,
+    no_restoration, preprocess, write_preprocessed,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -261,11 +261,18 @@ def test_known_photos_keep_their_cut_out_and_the_others_are_cut(result, persona_
         segmented.append(image.size)
         return grabcut_onto_white(image, box)
 
-    again = preprocess(persona_photos, dlib_analyzer, known=known, cut=cut, segment=grabcut)
+    again = preprocess(persona_photos, dlib_analyzer, known=known, cut=CutOuts(cut_key(no_restoration, grabcut), cut),
+                       segment=grabcut)
     images = {item.name: item.image for item in again.train}
     assert images[first] is stand_in and len(segmented) == len(again.train) - 1
     assert images[second].size == stand_in.size and images[third] is not stand_in
     assert np.asarray(images[third])[0, 0].tolist() == [255, 255, 255]  # a fresh cut, onto white
+    assert again.cut_key == cut_key(no_restoration, grabcut) != result.cut_key
+
+    # Cut another way (here: the default segmenter, or an older version of it): all cut again.
+    segmented.clear()
+    anew = preprocess(persona_photos, dlib_analyzer, known=known, cut=CutOuts(result.cut_key, cut), segment=grabcut)
+    assert all(item.image is not stand_in for item in anew.train) and len(segmented) == len(anew.train)
 
 
 def test_checks_are_keyed_by_the_face_models_their_thresholds_and_the_settings(dlib_analyzer, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.models import load_models
-from pipeline.prompts import CHUNK_TOKENS, EMPHASIS, encode_prompts, parse_weights
+from pipeline.prompts import CHUNK_TOKENS, EMPHASIS, MAX_CHUNKS, prompt_chunks, encode_prompts, parse_weights
 from tests.pipeline.tinykit_fixtures import tiny_kit  # noqa: F401 (fixture; also sets one CPU thread)
 
 
@@ -24,7 +24,12 @@ from tests.pipeline.tinykit_fixtures import tiny_kit  # noqa: F401 (fixture; als
         (r"\(literal\) (x)", [("(literal) ", 1.0), ("x", EMPHASIS)]),
         ("open (to the end", [("open ", 1.0), ("to the end", EMPHASIS)]),
         ("stray) and a:colon", [("stray) and a:colon", 1.0)]),
-        ("(not a weight:1.2.3)", [("not a weight:1.2.3)", EMPHASIS)]),
+        (r"a\b", [("ab", 1.0)]),
+        ("", []),
+        ("()", []),
+        ("(a:1.) (b:.5)", [("a ", 1.0), ("b", 0.5)]),
+        ("face BREAK (hair:1.2)", [("face", 1.0), (None, -1.0), ("hair", 1.2)]),
+        ("(not a weight:1.2.3) then", [("not a weight", EMPHASIS), (" then", 1.0)]),  # webui raises
     ],
 )
 def test_prompt_weights_are_parsed_as_webui_does(text, expected):
@@ -93,3 +98,20 @@ def test_a_centred_encoder_keeps_its_weighted_tokens_unrescaled(tiny_kit):
     assert abs(float(plain.mean())) < 1e-6 and torch.isfinite(weighted).all()
     torch.testing.assert_close(weighted[1 : 1 + words], plain[1 : 1 + words] * 1.5)
     torch.testing.assert_close(weighted[1 + words :], plain[1 + words :])
+
+
+def test_a_full_chunk_ends_at_a_near_comma_and_break_starts_a_new_one(pipe):
+    tokenizer = pipe.tokenizer
+    near = prompt_chunks(tokenizer, "x" * 60 + ", " + "y" * 20)  # 60 tokens, the comma, 20 more
+    assert [len(tokens) for tokens, _ in near] == [61, 20]  # the words after the comma moved on whole
+    far = "x" * 40 + ", " + "y" * 50  # the comma 34 tokens before the chunk's end: cut at 75
+    total = len(tokenizer(far, add_special_tokens=False).input_ids)
+    assert [len(tokens) for tokens, _ in prompt_chunks(tokenizer, far)] == [CHUNK_TOKENS, total - CHUNK_TOKENS]
+    broken = prompt_chunks(tokenizer, "face BREAK hair")
+    assert [tokenizer.decode(tokens) for tokens, _ in broken] == ["face", "hair"]
+
+
+def test_prompts_past_the_chunk_limit_are_cut(pipe):
+    endless = "a portrait, " * 200
+    embeddings = encode(pipe, [endless])
+    assert embeddings.shape[1] == MAX_CHUNKS * (CHUNK_TOKENS + 2)
