@@ -20,8 +20,10 @@ it on the GPU). Rows:
   transfer, paste-back, identity) with a rank-128 persona LoRA fused; on CUDA once eager and once
   with CUDA graphs, and the largest pixel difference between eager and graphs. Each `--trial`
   (`TRIALS`: the NCHW layout, the compiled GroupNorm, the "ControlNet is more important" control
-  mode) adds a row and its pixel difference from the default. Then the seconds of each stage of
-  one call, and with `--profile` where the GPU time of the eager path goes (bench/profiling.py).
+  mode, each model compiled whole by inductor) adds a row, after the default's, and its pixel
+  difference from the default; a trial that fails prints why and the rest goes on. Then the
+  seconds of each stage of one call, and with `--profile` where the GPU time of the eager path
+  goes (bench/profiling.py).
 Last line `portrait_s=N batch4_portraits_per_s=N naive_portrait_s=N`.
 """
 
@@ -236,6 +238,7 @@ TRIALS = {
     "nchw": ("NCHW", {"channels_last": False}),
     "compiled_norms": ("compiled GroupNorm", {"compiled_norms": True}),
     "control_mode": ('control mode "ControlNet is more important"', {"control_mode": "control"}),
+    "compiled_models": ("models compiled by inductor", {"compile_backend": "inductor"}),
 }
 
 
@@ -271,13 +274,16 @@ def bench_diffusion(shapes: str, device: torch.device, batch: int, profile: bool
 
     rows = [("naive diffusers two-pass", naive_s, naive_batch_s)]
     outputs, stages = {}, {}
-    # The default configuration (CUDA graphs, channels_last) comes last: the summary line is its.
+    # The default configuration (CUDA graphs, channels_last) before the trials: a trial that fails
+    # or runs out of time leaves the summary line measured.
     default = "ours, CUDA graphs" if cuda else "ours"
     variants = [("ours, eager", replace(config, cuda_graphs=False))] if cuda else []
+    variants.append((default, config))
+    trial_names = []
     for trial in trials:
         label, changes = TRIALS[trial]
-        variants.append((f"{default}, {label}", replace(config, **changes)))
-    variants.append((default, config))
+        trial_names.append(f"{default}, {label}")
+        variants.append((trial_names[-1], replace(config, **changes)))
     for name, variant in variants:
         engine = DiffusionEngine.from_models(models, variant)
 
@@ -289,26 +295,34 @@ def bench_diffusion(shapes: str, device: torch.device, batch: int, profile: bool
             return render_portraits(persona, templates, analyzer, variant, engine=engine, lora=lora,
                                     progress=progress)
 
-        first_s, _ = timed(one, 1, device)  # fuses the LoRA (once per persona), captures graphs
-        timed(many, 1, device)
-        one_s, result = timed(one, repeats, device)
-        many_s, _ = timed(many, 1 if not cuda else 2, device)
+        try:
+            first_s, _ = timed(one, 1, device)  # fuses the LoRA (once per persona), captures graphs (and compiles)
+            second_s, _ = timed(many, 1, device)
+            one_s, result = timed(one, repeats, device)
+            many_s, _ = timed(many, 1 if not cuda else 2, device)
+        except Exception as error:  # noqa: BLE001 (a trial's failure is a result; the rest still runs)
+            if name not in trial_names:
+                raise
+            print(f"{name}: failed: {type(error).__name__}: {error}", flush=True)
+            continue
         outputs[name] = np.asarray(result[0].crop).astype(int)
-        print(f"{name}: first call {first_s:.3f} s, {one_s:.3f} s/portrait, batch {batch}: {many_s:.3f} s", flush=True)
+        print(f"{name}: first call {first_s:.3f} s, first batch {second_s:.3f} s, {one_s:.3f} s/portrait, "
+              f"batch {batch}: {many_s:.3f} s", flush=True)
         rows.append((name, one_s, many_s))
+        if name == default:
+            graphed = engine.graphed
         stages[name] = (stage_seconds(one, device), stage_seconds(many, device))
         if profile and not (cuda and variant.cuda_graphs):
             from bench.profiling import kernel_table
 
             print(kernel_table(one, f"{name}, one portrait"), flush=True)
             print(kernel_table(many, f"{name}, {batch} portraits"), flush=True)
-    for trial in trials:
-        name = f"{default}, {TRIALS[trial][0]}"
-        diff = np.abs(outputs[name] - outputs[default])
-        print(f"{name} vs {default}: max pixel diff {diff.max()}, mean {diff.mean():.3f}")
+    for name in trial_names:
+        if name in outputs:
+            diff = np.abs(outputs[name] - outputs[default])
+            print(f"{name} vs {default}: max pixel diff {diff.max()}, mean {diff.mean():.3f}")
     if cuda:
         diff = np.abs(outputs["ours, eager"] - outputs["ours, CUDA graphs"])
-        graphed = engine.graphed
         print(f"graphs captured: {sum(len(g.graphs) for g in graphed)}, "
               f"modules that fell back to eager: {sum(g.failed for g in graphed)}; "
               f"eager vs graphs: max pixel diff {diff.max()}, mean {diff.mean():.3f}")
@@ -324,7 +338,7 @@ def bench_diffusion(shapes: str, device: torch.device, batch: int, profile: bool
     print("|---|---|---|---|---|")
     for name, one_s, many_s in rows:
         print(f"| {name} | {one_s:.3f} | {many_s:.3f} | {batch / many_s:.2f} | {naive_s / one_s:.1f}x |")
-    _, best_one, best_many = rows[-1]
+    _, best_one, best_many = next(row for row in rows if row[0] == default)
     throughput = batch / best_many
     print(f"portrait_s={best_one:.3f} batch{batch}_portraits_per_s={throughput:.2f} naive_portrait_s={naive_s:.3f}")
 
@@ -339,8 +353,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="diffusion: GPU kernel tables of the eager path")
     parser.add_argument("--trial", action="append", default=[], choices=sorted(TRIALS),
                         help="diffusion: also time a variant (repeatable): nchw (layout, CUDA only), compiled_norms "
-                             "(pipeline/norms.py's GroupNorm), control_mode (webui's 'ControlNet is more "
-                             "important': ControlNets on the conditional half only; changes the output)")
+                             "(pipeline/compiling.py's GroupNorm), control_mode (webui's 'ControlNet is more "
+                             "important': ControlNets on the conditional half only; changes the output), "
+                             "compiled_models (each model compiled whole by inductor)")
     parser.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces")
     args = parser.parse_args()
 

@@ -18,6 +18,8 @@ class GraphedForward:
     next captures; later calls copy their tensors into the graph's static
     inputs and replay. Outputs are copies, so callers may keep them. If capture fails the module
     stays eager for good. Install with `installed()`: the module's forward is replaced only inside.
+    What it runs and captures is the forward found at installation: the class's, or one that an
+    experiment installed first (pipeline.compiling), which the graphs then replay.
     """
 
     WARMUP = 2
@@ -41,17 +43,22 @@ class GraphedForward:
             self.graphs.clear()
             self.calls.clear()
             self.weights = pointers
+        previous = vars(self.module).get("forward")
+        self.forward = self.module.forward
         self.module.forward = self
         try:
             yield
         finally:
-            del self.module.forward
+            if previous is None:
+                del self.module.forward
+            else:
+                self.module.forward = previous
 
     def __call__(self, *args, **kwargs):
         import torch
         from torch.utils._pytree import tree_flatten, tree_unflatten
 
-        eager = type(self.module).forward.__get__(self.module)
+        eager = self.forward  # uncaptured
         if self.failed or torch.is_grad_enabled():
             return eager(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))

@@ -63,7 +63,7 @@ from PIL import Image
 from pipeline.common import CancelToken, Progress, ProgressCallback, gettext_noop, ignore_progress
 from pipeline.cudagraphs import GraphedForward
 from pipeline.faces import Face, FaceAnalyzer, load_face_analyzer
-from pipeline.norms import CompiledGroupNorms
+from pipeline.compiling import CompiledForwards, CompiledGroupNorms
 from pipeline.prompts import encode_prompts
 from pipeline.preprocess import PreprocessConfig, crop_around_face, load_photo, no_restoration
 
@@ -135,7 +135,10 @@ class GenerateConfig:
     seed: int = 0
     cuda_graphs: bool = True
     channels_last: bool = True  # UNet, VAE and ControlNet memory format (CUDA only)
-    compiled_norms: bool = False  # experiment: pipeline.norms' compiled GroupNorm (see there)
+    compiled_norms: bool = False  # experiment: pipeline.compiling's compiled GroupNorm (see there)
+    # experiment: each model's forward compiled whole by this torch.compile backend, e.g. "inductor"
+    # (pipeline.compiling's CompiledForwards); None runs them as they are.
+    compile_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.control_mode not in CONTROL_MODES:
@@ -479,6 +482,7 @@ class DiffusionEngine:
     pass2: object  # the same components with pass 2's ControlNets
     graphed: list[GraphedForward] = field(default_factory=list)
     norms: CompiledGroupNorms | None = None
+    compiled: CompiledForwards | None = None
     lora: FusedLora | None = None  # the last persona's, kept for its next call
 
     @classmethod
@@ -508,8 +512,11 @@ class DiffusionEngine:
 
         engine = cls(pipeline(config.pass1), pipeline(config.pass2))
         nets = {id(net): net for pipe in (engine.pass1, engine.pass2) for net in pipe.controlnet.nets}
+        coders = (models.vae.encoder, models.vae.decoder)
         if config.compiled_norms:
             engine.norms = CompiledGroupNorms(models.unet, models.vae, *nets.values())
+        if config.compile_backend is not None:
+            engine.compiled = CompiledForwards(models.unet, *nets.values(), *coders, backend=config.compile_backend)
         if models.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             layout = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -517,7 +524,6 @@ class DiffusionEngine:
                 module.to(memory_format=layout)
             if config.cuda_graphs:
                 pool = torch.cuda.graph_pool_handle()
-                coders = (models.vae.encoder, models.vae.decoder)
                 engine.graphed = [GraphedForward(m, pool) for m in (models.unet, *nets.values(), *coders)]
         return engine
 
@@ -539,8 +545,11 @@ class DiffusionEngine:
                     self.lora = None  # free the last persona's copies first
                     self.lora = fuse_lora(self.pass1, lora.fetch(), scale, key=lora.key)
                 stack.enter_context(self.lora.applied())
-            if self.norms is not None:  # before the graphs: their warm-up calls compile
-                stack.enter_context(self.norms.installed())
+            # The compiled experiments before the graphs: the graphs' warm-up calls compile, and
+            # the graphs capture the compiled forwards.
+            for experiment in (self.compiled, self.norms):
+                if experiment is not None:
+                    stack.enter_context(experiment.installed())
             for graphed in self.graphed:
                 stack.enter_context(graphed.installed())
             yield

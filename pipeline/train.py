@@ -77,7 +77,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.common import CancelToken, Progress, ProgressCallback, ignore_progress
 from pipeline.cudagraphs import GraphedForward
 from pipeline.faces import largest_face_embeddings, load_face_analyzer
-from pipeline.norms import CompiledGroupNorms
+from pipeline.compiling import CompiledGroupNorms
 
 if TYPE_CHECKING:
     import argparse
@@ -120,7 +120,7 @@ class TrainConfig:
     lora_dtype: str = "float16"  # of the saved files
     cuda_graph: bool = True  # replay the training step as a CUDA graph (CUDA only)
     channels_last: bool = True  # UNet memory format for training (CUDA only)
-    compiled_norms: bool = False  # experiment: pipeline.norms' compiled GroupNorm (see there)
+    compiled_norms: bool = False  # experiment: pipeline.compiling's compiled GroupNorm (see there)
     lean_lora: bool = True  # LeanLoraForward instead of peft's LoRA forward (the same function)
     seed: int = 0
 

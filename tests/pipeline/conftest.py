@@ -39,15 +39,15 @@ def dlib_analyzer() -> DlibFaceAnalyzer:
 
 @pytest.fixture
 def compiled_norm_calls(monkeypatch) -> list[int]:
-    """Counts the calls of pipeline/norms.py's compiled GroupNorm while a test uses it."""
-    from pipeline import norms
+    """Counts the calls of pipeline/compiling.py's compiled GroupNorm while a test uses it."""
+    from pipeline import compiling
 
     calls: list[int] = []
-    compiled = norms.compiled_group_norm()
+    compiled = compiling.compiled_group_norm()
 
     def counted(*args, **kwargs):
         calls.append(1)
         return compiled(*args, **kwargs)
 
-    monkeypatch.setattr(norms, "compiled_group_norm", lambda: counted)
+    monkeypatch.setattr(compiling, "compiled_group_norm", lambda: counted)
     return calls

@@ -30,7 +30,7 @@ from pipeline.generate import (
     recolour_face,
     render_portraits,
 )
-from pipeline.models import load_models
+from pipeline.models import CONTROLNET_KINDS, load_models
 from pipeline.preprocess import preprocess, write_preprocessed
 from tests.pipeline.tinykit_fixtures import tiny_kit  # noqa: F401 (fixture; also sets one CPU thread)
 
@@ -435,7 +435,7 @@ def test_diffusion_portrait_changes_only_the_face(diffusion_run):
 def test_compiled_norms_render_the_same_portrait(
     diffusion_run, models, persona, biden, dlib_analyzer, lora_file, compiled_norm_calls
 ):
-    """The experiment of pipeline/norms.py, through the engine: same pixels, norms plain afterwards."""
+    """The experiment of pipeline/compiling.py, through the engine: same pixels, norms plain afterwards."""
     engine = DiffusionEngine.from_models(models, replace(TINY, compiled_norms=True))
     assert engine.norms is not None and len(engine.norms.norms) > 10
     (result,) = render_portraits(persona, [biden], dlib_analyzer, TINY, engine=engine, lora=lora_file)
@@ -444,6 +444,25 @@ def test_compiled_norms_render_the_same_portrait(
     assert np.abs(np.asarray(result.crop).astype(int) - expected).max() <= 2
     assert not any("forward" in vars(norm) for norm in engine.norms.norms)
 
+
+
+def test_compiled_models_render_the_same_portrait(diffusion_run, models, persona, biden, dlib_analyzer, lora_file):
+    """The whole-model compile experiment through the engine, with dynamo's plain "eager" backend
+    (tests/pipeline/test_compiling.py traces the graphs for inductor): every model the render
+    calls is compiled, one compile per model class (the ControlNets share theirs), and the forwards
+    are the models' own afterwards."""
+    engine = DiffusionEngine.from_models(models, replace(TINY, compile_backend="eager"))
+    compiled = engine.compiled.models
+    assert {id(m) for m in compiled} == {id(m) for m in (models.unet, models.vae.encoder, models.vae.decoder,
+                                                        *(models.controlnet(k) for k in CONTROLNET_KINDS))}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    (result,) = render_portraits(persona, [biden], dlib_analyzer, TINY, engine=engine, lora=lora_file)
+    assert torch._dynamo.utils.counters["frames"]["ok"] == len({type(m) for m in compiled}) == 4
+    assert not torch._dynamo.utils.counters["graph_break"]
+    expected = np.asarray(diffusion_run["results"][0].crop).astype(int)
+    assert np.abs(np.asarray(result.crop).astype(int) - expected).max() <= 2
+    assert not any("forward" in vars(model) for model in compiled)
 
 def test_cancel_stops_the_render_and_restores_the_weights(models, persona, biden, dlib_analyzer, lora_file):
     engine = DiffusionEngine.from_models(models, TINY)

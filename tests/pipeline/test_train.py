@@ -235,7 +235,7 @@ def test_validation_merges_the_lora_and_restores_the_base_weights_exactly(models
 
 
 def test_compiled_norms_train_the_same_lora(trained, models, photos, tmp_path, compiled_norm_calls):
-    """The experiment of pipeline/norms.py: the same two steps give the same checkpoint."""
+    """The experiment of pipeline/compiling.py: the same two steps give the same checkpoint."""
     config = replace(CONFIG, max_steps=2, compiled_norms=True)
     norms = [m for m in (*models.unet.modules(), *models.vae.modules()) if isinstance(m, torch.nn.GroupNorm)]
     norm_calls = []
