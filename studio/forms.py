@@ -41,6 +41,8 @@ class MultipleFileField(forms.FileField):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("widget", MultipleFileInput(attrs={"accept": "image/*", "multiple": True}))
+        # An empty file is refused on its own (studio.uploads), not with the whole batch.
+        kwargs.setdefault("allow_empty_file", True)
         super().__init__(*args, **kwargs)
 
     def clean(self, data, initial=None) -> list:

@@ -70,6 +70,8 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
 
 def clean_photo(upload: UploadedFile) -> bytes:
     """The upload as a metadata-free JPEG, or RefusedFile with a message for the person."""
+    if not upload.size:
+        raise RefusedFile(_("This file is empty."))
     if upload.size > settings.PHOTO_MAX_BYTES:
         raise RefusedFile(
             _("This file is larger than %(megabytes)d MB.") % {"megabytes": settings.PHOTO_MAX_BYTES // 2**20}

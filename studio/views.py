@@ -15,6 +15,7 @@ from django.core.files.storage import default_storage
 from django.db.models import Q
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -23,7 +24,6 @@ from django.views.decorators.vary import vary_on_headers
 from studio import health, services
 from studio.forms import DeleteDataForm, FaceConsentForm, PersonaForm, PhotoUploadForm, SignupForm, TemplateForm
 from studio.models import Job, Persona, Photo, Portrait, Template, owner_folder
-from studio.uploads import Refusal
 
 
 def home(request: HttpRequest) -> HttpResponse:
@@ -123,8 +123,21 @@ def photo_upload(request: HttpRequest, persona_id: int) -> HttpResponse:
     try:
         refusals = services.add_photos(persona, form.cleaned_data["photos"])
     except services.NotAllowed as refusal:
-        return _persona_page(request, persona, refusals=[Refusal("", str(refusal))], invalid=True)
-    return _persona_page(request, persona, refusals=refusals)
+        return _back_to_persona(request, persona, str(refusal))
+    if request.htmx:
+        return _persona_page(request, persona, refusals=refusals)
+    for refused in refusals:  # the page after the redirect lists them; a reload sends nothing again
+        messages.warning(request, f"{refused.name}: {refused.message}")
+    return redirect("persona", persona_id=persona.id)
+
+
+def _back_to_persona(request: HttpRequest, persona: Persona, refusal: str) -> HttpResponse:
+    """The whole persona page with why the action was refused: the double changed state (a build
+    started in another tab, say), so the panel the person acted on is out of date."""
+    messages.error(request, refusal)
+    if request.htmx:
+        return HttpResponse(headers={"HX-Redirect": reverse("persona", args=[persona.id])})
+    return redirect("persona", persona_id=persona.id)
 
 
 @login_required
@@ -135,7 +148,7 @@ def photo_delete(request: HttpRequest, photo_id: int) -> HttpResponse:
     try:
         services.delete_photo(photo)
     except services.NotAllowed as refusal:
-        messages.error(request, str(refusal))
+        return _back_to_persona(request, persona, str(refusal))
     return _persona_page(request, persona) if request.htmx else redirect("persona", persona_id=persona.id)
 
 

@@ -34,6 +34,23 @@ def test_language_switch_sticks():
     assert "创建账户" in client.get(reverse("signup")).content.decode()
 
 
+
+@pytest.mark.parametrize("accept", ["en", "zh-CN"])
+def test_each_language_is_named_in_itself(accept):
+    """So a person who cannot read the current language still finds their own."""
+    body = Client(headers={"accept-language": accept}).get(reverse("signup")).content.decode()
+    assert 'lang="en">English</button>' in body and 'lang="zh-hans">简体中文</button>' in body
+
+
+def test_switching_language_on_a_refused_form_goes_back_to_the_form_page(owner_client):
+    """The refused form's page answers a POST; its URL would answer the switch's GET with a 405."""
+    home = "http://testserver" + reverse("home")
+    page = owner_client.post(reverse("persona_create"), {"name": ""}, headers={"referer": home})
+    assert page.status_code == 400
+    assert f'name="next" value="{home}"' in page.content.decode()
+    switched = owner_client.post(reverse("set_language"), {"language": "zh-hans", "next": home})
+    assert switched.status_code == 302 and owner_client.get(switched["Location"]).status_code == 200
+
 def test_translations_are_complete_and_compiled():
     catalog = polib.pofile(str(ROOT / "locale" / "zh_Hans" / "LC_MESSAGES" / "django.po"))
     assert catalog.untranslated_entries() == []

@@ -49,14 +49,16 @@ def consented(owner):
     services.give_face_consent(owner)
 
 
-def upload(client: Client, persona, *files: tuple[str, bytes], htmx: bool = False):
+def upload(client: Client, persona, *files: tuple[str, bytes], htmx: bool = False, follow: bool | None = None):
     payload = [SimpleUploadedFile(name, data) for name, data in files]
     headers = {"HX-Request": "true"} if htmx else {}
-    return client.post(reverse("photo_upload", args=[persona.id]), {"photos": payload}, headers=headers)
+    # Without htmx a stored batch redirects to the persona page (its refusals shown there).
+    return client.post(reverse("photo_upload", args=[persona.id]), {"photos": payload}, headers=headers,
+                       follow=not htmx if follow is None else follow)
 
 
 BAD_FILES = {
-    "empty": ("empty.jpg", lambda: b"", "The submitted file is empty."),
+    "empty": ("empty.jpg", lambda: b"", "This file is empty."),
     "truncated_jpeg": ("cut.jpg", lambda: face("obama.jpg")[:40_000], "not a photo we can read"),
     "png_bomb": ("bomb.png", lambda: encoded(Image.new("1", (30_000, 30_000)), "PNG"), "too many pixels"),
     "100_megapixels": ("huge.png", lambda: encoded(Image.new("L", (10_000, 10_000)), "PNG"), "too many pixels"),
@@ -79,6 +81,41 @@ def test_bad_file_is_refused_and_leaves_nothing(owner_client, persona, consented
     assert message in response.content.decode()
     assert not Photo.objects.exists()
     assert stored_files() == before
+
+
+
+@pytest.mark.parametrize("htmx", [True, False])
+def test_an_empty_file_is_refused_by_name_and_the_rest_of_the_batch_is_kept(owner_client, persona, consented, htmx):
+    response = upload(owner_client, persona, ("obama.jpg", face("obama.jpg")), ("empty.jpg", b""), htmx=htmx)
+    assert response.status_code == 200
+    assert "empty.jpg</strong>: This file is empty." in response.content.decode() if htmx else (
+        "empty.jpg: This file is empty." in response.content.decode())
+    assert Photo.objects.count() == 1
+
+
+def test_an_upload_without_htmx_redirects_so_a_reload_sends_nothing_again(owner_client, persona, consented):
+    response = upload(owner_client, persona, ("obama.jpg", face("obama.jpg")), follow=False)
+    assert response.status_code == 302 and response["Location"] == reverse("persona", args=[persona.id])
+
+
+@pytest.mark.parametrize("htmx", [True, False])
+def test_photos_of_a_double_being_built_are_refused_on_its_whole_page(owner_client, persona, consented, htmx):
+    """A build started in another tab: the panel acted on is stale, so the page comes back whole."""
+    upload(owner_client, persona, ("obama.jpg", face("obama.jpg")))
+    photo = Photo.objects.get()
+    persona.status = persona.Status.QUEUED
+    persona.save()
+    headers = {"HX-Request": "true"} if htmx else {}
+    for send in (
+        lambda: upload(owner_client, persona, ("obama2.jpg", face("obama2.jpg")), htmx=htmx, follow=False),
+        lambda: owner_client.post(reverse("photo_delete", args=[photo.id]), headers=headers),
+    ):
+        response = send()
+        page = reverse("persona", args=[persona.id])
+        assert response.headers.get("HX-Redirect" if htmx else "Location") == page
+        shown = owner_client.get(page).content.decode()
+        assert "The photos of this double cannot change while it is being built" in shown
+    assert list(Photo.objects.all()) == [photo]
 
 
 def test_twenty_one_files_in_one_request_are_refused(owner_client, persona, consented):
@@ -140,7 +177,7 @@ def test_consent_is_recorded_with_version(owner_client, owner, persona):
 def test_other_person_and_anonymous_cannot_upload(other_client, persona, owner):
     services.give_face_consent(owner)
     assert upload(other_client, persona, ("a.jpg", face("obama.jpg"))).status_code == 404
-    assert upload(Client(), persona, ("a.jpg", face("obama.jpg"))).status_code == 302
+    assert upload(Client(), persona, ("a.jpg", face("obama.jpg")), follow=False).status_code == 302
     assert not Photo.objects.exists()
 
 
