@@ -452,12 +452,7 @@ def delete_all_data(owner: AbstractBaseUser, delete_account: bool) -> None:
     removed whole, so nothing of theirs stays on disk.
     """
     folder = owner_folder(owner.pk)  # before owner.delete() clears the pk
-    queue = django_rq.get_queue("gpu")
-    for job in Job.objects.filter(owner=owner):
-        if job.rq_job_id:
-            rq_job = queue.fetch_job(job.rq_job_id)
-            if rq_job is not None and rq_job.get_status(refresh=False) != "started":
-                rq_job.delete()
+    _remove_from_queue(Job.objects.filter(owner=owner))
     with transaction.atomic():
         Persona.objects.filter(owner=owner).delete()  # photos, jobs, portraits cascade
         FaceConsent.objects.filter(owner=owner).delete()
@@ -466,6 +461,31 @@ def delete_all_data(owner: AbstractBaseUser, delete_account: bool) -> None:
             AccessLog.objects.filter(username=owner.get_username()).delete()
             owner.delete()
     _delete_folder(folder)
+
+
+def delete_persona(persona: Persona) -> None:
+    """The double with its photos, jobs, portraits and all their files (studio.signals); its
+    waiting jobs leave the queue, and the person's next job takes their turn.
+
+    Refused while one of its jobs runs: the worker could be storing what it made at that moment.
+    """
+    jobs = list(persona.jobs.all())
+    if any(job.status == Job.Status.RUNNING for job in jobs):
+        raise NotAllowed(_("Something is being made from this double right now. Cancel it, or let it finish, then delete the double."))
+    _remove_from_queue(jobs)
+    with transaction.atomic():
+        persona.delete()  # a job that starts meanwhile finds its row gone and stops (studio.jobs)
+        transaction.on_commit(dispatch_waiting_jobs, robust=True)
+
+
+def _remove_from_queue(jobs) -> None:
+    """Takes the jobs' entries off the gpu queue; a started one stops by itself once its row is gone."""
+    queue = django_rq.get_queue("gpu")
+    for job in jobs:
+        if job.rq_job_id:
+            rq_job = queue.fetch_job(job.rq_job_id)
+            if rq_job is not None and rq_job.get_status(refresh=False) != "started":
+                rq_job.delete()
 
 
 def _delete_folder(folder: str) -> None:

@@ -17,6 +17,7 @@ from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonRe
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django.views.decorators.vary import vary_on_headers
@@ -311,15 +312,45 @@ def album_zip(request: HttpRequest, persona_id: int) -> FileResponse:
 @require_POST
 def portrait_delete(request: HttpRequest, portrait_id: int) -> HttpResponse:
     get_object_or_404(Portrait, id=portrait_id, owner=request.user).delete()
+    messages.success(request, _("The portrait is deleted."))
     return redirect("album")
+
+
+def _confirmed(request: HttpRequest) -> bool:
+    """Whether the form's "I mean it" box is ticked (deletes for good ask for one); if not, says so."""
+    if request.POST.get("confirm") == "on":
+        return True
+    messages.error(request, _("Nothing was deleted: tick the box to confirm."))
+    return False
 
 
 @login_required
 @require_POST
 def album_delete(request: HttpRequest, persona_id: int) -> HttpResponse:
     persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
-    persona.portraits.all().delete()  # each row's post_delete removes its files
+    if _confirmed(request):
+        count, _by_model = persona.portraits.all().delete()  # each row's post_delete removes its files
+        messages.success(
+            request,
+            ngettext("%(count)d portrait of %(name)s is deleted.", "%(count)d portraits of %(name)s are deleted.", count)
+            % {"count": count, "name": persona.name},
+        )
     return redirect("album")
+
+
+@login_required
+@require_POST
+def persona_delete(request: HttpRequest, persona_id: int) -> HttpResponse:
+    persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
+    if not _confirmed(request):
+        return redirect("persona", persona_id=persona.id)
+    try:
+        services.delete_persona(persona)
+    except services.NotAllowed as refusal:
+        messages.error(request, str(refusal))
+        return redirect("persona", persona_id=persona.id)
+    messages.success(request, _("“%(name)s”, its photos and its portraits are deleted.") % {"name": persona.name})
+    return redirect("home")
 
 
 @login_required

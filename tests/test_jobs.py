@@ -95,7 +95,11 @@ def test_portraits_land_in_the_album(owner, owner_client, other_client):
 
     owner_client.post(reverse("portrait_delete", args=[portraits[0].id]))
     assert not Path(portraits[0].image.path).exists()
-    owner_client.post(reverse("album_delete", args=[persona.id]))
+    unticked = owner_client.post(reverse("album_delete", args=[persona.id]), follow=True)
+    assert "Nothing was deleted: tick the box to confirm." in unticked.content.decode()
+    assert Portrait.objects.filter(persona=persona).count() == 1
+    deleted = owner_client.post(reverse("album_delete", args=[persona.id]), {"confirm": "on"}, follow=True)
+    assert f"1 portrait of {persona.name} is deleted." in deleted.content.decode()
     assert not Portrait.objects.filter(persona=persona).exists()
 
 
