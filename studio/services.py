@@ -27,9 +27,9 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Exists, F, OuterRef, Q
 from django.template.loader import render_to_string
-from django.utils import timezone
+from django.utils import timezone, translation
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 from PIL import Image
@@ -57,26 +57,35 @@ def create_persona(owner: AbstractBaseUser, name: str) -> Persona:
     return Persona.objects.create(owner=owner, name=name.strip())
 
 
-def active_jobs(owner: AbstractBaseUser) -> list[Job]:
-    return list(Job.objects.filter(owner=owner, status__in=Job.ACTIVE).select_related("persona"))
+FAILURES_SHOWN_FOR = timedelta(days=1)
 
 
-def render_live_state(owner: AbstractBaseUser) -> str:
+def panel_jobs(owner: AbstractBaseUser) -> list[Job]:
+    """The jobs panel: what waits or runs, and what failed in the last day and was not asked for
+    again since, so that why it failed can still be read after a reload."""
+    asked_again = Job.objects.filter(persona=OuterRef("persona"), kind=OuterRef("kind"), created__gt=OuterRef("created"))
+    failed_lately = Q(status=Job.Status.FAILED, finished__gte=timezone.now() - FAILURES_SHOWN_FOR) & ~Exists(asked_again)
+    shown = Job.objects.filter(Q(status__in=Job.ACTIVE) | failed_lately, owner=owner)
+    return list(shown.select_related("persona"))
+
+
+def render_live_state(owner: AbstractBaseUser, language: str) -> str:
     """What a socket gets on connect: the jobs panel and every double's status, as OOB fragments.
 
     So a page catches up with whatever changed between its render and its socket opening.
     """
-    parts = [render_to_string("studio/_jobs.html", {"jobs": active_jobs(owner), "oob": True})]
-    parts += [
-        render_to_string("studio/_persona_status.html", {"persona": persona, "oob": True})
-        for persona in Persona.objects.filter(owner=owner)
-    ]
+    with translation.override(language):
+        parts = [render_to_string("studio/_jobs.html", {"jobs": panel_jobs(owner), "oob": True})]
+        parts += [
+            render_to_string("studio/_persona_status.html", {"persona": persona, "oob": True})
+            for persona in Persona.objects.filter(owner=owner)
+        ]
     return "\n".join(parts)
 
 
 def publish_job(job: Job) -> None:
     """Sends the job's current state to its owner's open pages as an htmx OOB fragment."""
-    _send(job.owner_id, render_to_string("studio/_job.html", {"job": job, "oob": True}))
+    _send(job.owner_id, "studio/_job.html", {"job": job, "oob": True})
 
 
 def enqueue(
@@ -243,13 +252,19 @@ class NotAllowed(Exception):
     """An action the person cannot take now; the message says why, in their words."""
 
 
-def _send(owner_id: int, html: str) -> None:
+def _send(owner_id: int, template: str, context: dict) -> None:
+    """A fragment to the person's open pages, rendered in each of the site's languages: every
+    page takes the one it is shown in (studio.consumers), whatever language the sender runs in."""
+    html = {}
+    for language, _name in settings.LANGUAGES:
+        with translation.override(language):
+            html[language] = render_to_string(template, context)
     async_to_sync(get_channel_layer().group_send)(user_group(owner_id), {"type": "job.update", "html": html})
 
 
 def publish_persona(persona: Persona) -> None:
     """The new status wherever it is shown; the persona page then fetches what depends on it (site.js)."""
-    _send(persona.owner_id, render_to_string("studio/_persona_status.html", {"persona": persona, "oob": True}))
+    _send(persona.owner_id, "studio/_persona_status.html", {"persona": persona, "oob": True})
 
 
 def set_persona_status(persona: Persona, status: str) -> None:
@@ -592,5 +607,4 @@ def save_portrait(job: Job, template: Template, image: Image.Image, identity: fl
 
 def publish_portrait(portrait: Portrait) -> None:
     """Adds the new portrait to the owner's open album page."""
-    html = render_to_string("studio/_portrait_new.html", {"portrait": portrait})
-    _send(portrait.owner_id, html)
+    _send(portrait.owner_id, "studio/_portrait_new.html", {"portrait": portrait})

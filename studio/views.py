@@ -35,7 +35,7 @@ def home(request: HttpRequest) -> HttpResponse:
 
 def _home_page(request: HttpRequest, form: PersonaForm, status: int = 200) -> HttpResponse:
     personas = Persona.objects.filter(owner=request.user)
-    context = {"personas": personas, "form": form, "jobs": services.active_jobs(request.user)}
+    context = {"personas": personas, "form": form, "jobs": services.panel_jobs(request.user)}
     return render(request, "studio/home.html", context, status=status)
 
 
@@ -83,7 +83,7 @@ def _persona_page(
         "has_consent": services.has_face_consent(request.user),
         "upload_form": PhotoUploadForm(room=settings.PHOTOS_PER_PERSONA - len(photos)),
         "consent_form": FaceConsentForm(),
-        "jobs": services.active_jobs(request.user),
+        "jobs": services.panel_jobs(request.user),
         "buildable": services.RETRYABLE_PERSONA,
         **context,
     }
@@ -224,7 +224,7 @@ def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
 @require_GET
 def jobs_panel(request: HttpRequest) -> HttpResponse:
     """The jobs panel alone: what pages poll while their websocket is down."""
-    return render(request, "studio/_jobs.html", {"jobs": services.active_jobs(request.user)})
+    return render(request, "studio/_jobs.html", {"jobs": services.panel_jobs(request.user)})
 
 
 @login_required
@@ -281,7 +281,7 @@ def template_new(request: HttpRequest) -> HttpResponse:
 def album(request: HttpRequest) -> HttpResponse:
     personas = Persona.objects.filter(owner=request.user).prefetch_related("portraits__template")
     groups = [(persona, list(persona.portraits.all())) for persona in personas]
-    context = {"groups": [(p, ps) for p, ps in groups if ps], "jobs": services.active_jobs(request.user)}
+    context = {"groups": [(p, ps) for p, ps in groups if ps], "jobs": services.panel_jobs(request.user)}
     return render(request, "studio/album.html", context)
 
 

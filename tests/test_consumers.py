@@ -84,3 +84,28 @@ def test_socket_gets_own_jobs_on_connect_and_only_own_updates(owner, other_user,
         await theirs.disconnect()
 
     async_to_sync(scenario)()
+
+
+@pytest.mark.parametrize("language", ["cookie", "accept-language"])
+def test_each_page_gets_updates_in_its_own_language(owner, owner_client, language):
+    """The worker runs in English; a page shown in Chinese gets its fragments in Chinese."""
+    job = job_for(owner, "Double")
+    chinese = socket(owner_client)
+    if language == "cookie":
+        chinese.scope["headers"] = [(b"origin", b"http://localhost"), (b"cookie", (
+            f"sessionid={owner_client.cookies['sessionid'].value}; django_language=zh-hans").encode())]
+    else:
+        chinese.scope["headers"].append((b"accept-language", b"zh-CN,zh;q=0.9"))
+    english = socket(owner_client)
+
+    async def scenario():
+        assert (await chinese.connect())[0] and (await english.connect())[0]
+        assert "等待中" in await chinese.receive_from()  # the panel on connect: "Waiting"
+        assert "Waiting" in await english.receive_from()
+        await sync_to_async(services.publish_job)(job)
+        assert "等待中" in await chinese.receive_from()
+        assert "Waiting" in await english.receive_from()
+        await chinese.disconnect()
+        await english.disconnect()
+
+    async_to_sync(scenario)()

@@ -137,7 +137,7 @@ def test_one_person_at_a_time_on_the_queue(owner, other_user):
     assert queued_ids()[0] == rq_ids[their_job.id]
 
 
-def test_failed_job_explains_and_allows_retry(owner):
+def test_failed_job_explains_and_allows_retry(owner, owner_client):
     persona = persona_with_photos(owner)
     job = services.request_training(persona)
     persona.preprocessed.delete(save=True)  # the build cannot read its photos
@@ -148,6 +148,11 @@ def test_failed_job_explains_and_allows_retry(owner):
     assert job.status == "failed" and job.error_for_person == jobs.FAILED_UNEXPECTEDLY
     assert "Traceback" in job.error_detail
     assert persona.status == "failed"
+    # Why stays readable after a reload (the jobs panel), until the person asks again.
+    for page in (reverse("persona", args=[persona.id]), reverse("home"), reverse("album")):
+        assert "Something went wrong on our side." in owner_client.get(page).content.decode(), page
+    Job.objects.create(persona=persona, kind=Job.Kind.TRAIN)
+    assert "Something went wrong on our side." not in owner_client.get(reverse("home")).content.decode()
 
 
 def test_job_lost_by_its_worker_is_failed(owner, settings):
@@ -208,8 +213,8 @@ def test_photos_are_fixed_once_the_build_is_queued(owner, owner_client):
     owner_client.post(reverse("photo_delete", args=[photo.pk]))
     assert Photo.objects.filter(pk=photo.pk).exists()
     upload = SimpleUploadedFile("more.jpg", (FACES / "obama_small.jpg").read_bytes())
-    response = owner_client.post(reverse("photo_upload", args=[persona.pk]), {"photos": [upload]})
-    assert response.status_code == 400
+    response = owner_client.post(reverse("photo_upload", args=[persona.pk]), {"photos": [upload]}, follow=True)
+    assert response.redirect_chain == [(reverse("persona", args=[persona.pk]), 302)]
     assert "cannot change while it is being built" in response.content.decode()
     assert persona.photos.count() == 5
 
