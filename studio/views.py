@@ -6,6 +6,7 @@ import mimetypes
 import posixpath
 import re
 from pathlib import Path
+from urllib.parse import urlencode
 
 from django.conf import settings
 from django.contrib import messages
@@ -217,6 +218,10 @@ def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
     job.refresh_from_db()
     if request.htmx:
         return render(request, "studio/_job.html", {"job": job})
+    if job.status == Job.Status.CANCELLED:
+        messages.success(request, _("“%(kind)s” is cancelled.") % {"kind": job.get_kind_display()})
+    elif job.cancel_requested:
+        messages.info(request, _("“%(kind)s” stops at its next step.") % {"kind": job.get_kind_display()})
     return redirect("home")
 
 
@@ -230,15 +235,16 @@ def jobs_panel(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_GET
 def gallery(request: HttpRequest) -> HttpResponse:
+    """Published templates; staff also see drafts, marked, so a template they added is not lost."""
     tag = request.GET.get("tag", "").strip()
-    templates = Template.objects.filter(published=True)
-    if tag:
-        templates = templates.filter(tags__iregex=rf"(^|,)\s*{re.escape(tag)}\s*(,|$)")
+    shown = Template.objects.all() if request.user.is_staff else Template.objects.filter(published=True)
+    templates = shown.filter(tags__iregex=rf"(^|,)\s*{re.escape(tag)}\s*(,|$)") if tag else shown
     context = {
         "templates": templates,
         "tag": tag,
-        "tags": sorted({t for template in Template.objects.filter(published=True) for t in template.tag_list}),
+        "tags": sorted({t for template in shown for t in template.tag_list}),
         "personas": Persona.objects.filter(owner=request.user, status=Persona.Status.READY),
+        "chosen_persona": _id(request.GET.get("persona")),
     }
     return render(request, "studio/gallery.html", context)
 
@@ -258,7 +264,8 @@ def portraits_request(request: HttpRequest) -> HttpResponse:
         services.request_portraits(persona, templates)
     except services.NotAllowed as refusal:
         messages.error(request, str(refusal))
-        return redirect("gallery")
+        # Back to the gallery as the person left it: the same tag and double chosen.
+        return redirect(f"{reverse('gallery')}?{urlencode({'tag': request.POST.get('tag', ''), 'persona': persona.id})}")
     messages.success(request, _("Your portraits are on their way. They appear in your album as they are ready."))
     return redirect("album")
 
@@ -271,7 +278,11 @@ def template_new(request: HttpRequest) -> HttpResponse:
     form = TemplateForm(*([request.POST, request.FILES] if request.method == "POST" else []))
     if request.method == "POST" and form.is_valid():
         template = services.add_template(form, uploaded_by=request.user)
-        messages.success(request, _("Template “%(title)s” added.") % {"title": template.title})
+        if template.published:
+            messages.success(request, _("Template “%(title)s” added.") % {"title": template.title})
+        else:
+            messages.success(request, _("Template “%(title)s” added as a draft: only staff see it until it is published.")
+                             % {"title": template.title})
         return redirect("gallery")
     return render(request, "studio/template_form.html", {"form": form}, status=400 if form.errors else 200)
 

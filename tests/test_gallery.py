@@ -81,10 +81,33 @@ def test_asking_for_portraits_of_another_persons_double_is_404(other_client, own
 
 
 def test_asking_for_portraits_without_a_template_explains(owner_client, owner, django_capture_on_commit_callbacks):
+    Persona.objects.create(owner=owner, name="First", status=Persona.Status.READY)
     persona = Persona.objects.create(owner=owner, name="Mine", status=Persona.Status.READY)
-    response = owner_client.post(reverse("portraits_request"), {"persona": persona.id}, follow=True)
-    assert "Pick at least one template." in response.content.decode()
+    (template,) = demo_templates(owner, 1)
+    response = owner_client.post(reverse("portraits_request"), {"persona": persona.id, "tag": "demo"}, follow=True)
+    body = response.content.decode()
+    assert "Pick at least one template." in body
     assert not Job.objects.exists()
+    # The gallery as it was left: the same tag, the same double chosen.
+    assert response.redirect_chain[-1][0] == f"{reverse('gallery')}?tag=demo&persona={persona.id}"
+    assert f'<option value="{persona.id}" selected>Mine</option>' in body and template.title in body
+
+
+def test_a_tag_that_matches_nothing_says_so(owner_client, owner):
+    demo_templates(owner, 1)
+    body = owner_client.get(reverse("gallery"), {"tag": "none"}).content.decode()
+    assert "No templates with the tag “none”." in body and "No templates yet." not in body
+
+
+def test_staff_see_their_drafts_marked_and_others_do_not(staff_client, owner_client, owner):
+    response = staff_client.post(reverse("template_new"), template_post((FACES / "biden.jpg").read_bytes(), published=""),
+                                 follow=True)
+    body = response.content.decode()
+    assert "Template “Studio” added as a draft: only staff see it until it is published." in body
+    draft = Template.objects.get()
+    assert f'<input type="checkbox" name="templates" value="{draft.id}" disabled>' in body
+    assert "Draft: only staff see it until it is published" in body
+    assert "Studio" not in owner_client.get(reverse("gallery")).content.decode()
 
 
 def test_tag_filter_matches_whole_tags(owner_client, owner):

@@ -196,6 +196,7 @@ def test_cancel_view_owner_other_anonymous(owner, owner_client, other_client):
     response = owner_client.post(reverse("job_cancel", args=[job.pk]), {"next": "https://evil.example/"})
     assert response["Location"] == reverse("home")
     assert Job.objects.get(pk=job.pk).status == "cancelled"
+    assert "“Build digital double” is cancelled." in owner_client.get(reverse("home")).content.decode()
 
 
 def test_build_submitted_twice_queues_one_job(owner):
