@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -125,12 +126,17 @@ def add_photos(persona: Persona, uploads: list[UploadedFile]) -> list[Refusal]:
     _check_photos_can_change(persona)
     refusals: list[Refusal] = []
     stored: list[Photo] = []
+    present = {_digest(photo.image) for photo in persona.photos.all()}
     for upload in uploads:
         try:
             jpeg = clean_photo(upload)
         except RefusedFile as refused:
             refusals.append(Refusal(upload.name, str(refused.message)))
             continue
+        if (digest := hashlib.sha256(jpeg).hexdigest()) in present:  # the same file sent again
+            refusals.append(Refusal(upload.name, _("This photo is already among this double's photos.")))
+            continue
+        present.add(digest)
         thumbnail = thumbnail_jpeg(jpeg)
         photo = Photo(persona=persona)
         try:
@@ -151,6 +157,12 @@ def add_photos(persona: Persona, uploads: list[UploadedFile]) -> list[Refusal]:
                 photo.delete()  # and its file: nothing half-done stays
             raise NotAllowed(_("We could not analyse these photos just now. Please try again.")) from None
     return refusals
+
+
+def _digest(stored) -> str:
+    """SHA-256 of a stored photo: the same upload cleans to the same bytes (studio.uploads)."""
+    with stored.open("rb") as image:
+        return hashlib.sha256(image.read()).hexdigest()
 
 
 def analyse_persona(persona: Persona) -> PreprocessResult:

@@ -93,6 +93,13 @@ def test_an_empty_file_is_refused_by_name_and_the_rest_of_the_batch_is_kept(owne
     assert Photo.objects.count() == 1
 
 
+
+def test_the_same_file_twice_is_stored_once(owner_client, persona, consented):
+    upload(owner_client, persona, ("obama.jpg", face("obama.jpg")), ("copy.jpg", face("obama.jpg")))
+    again = upload(owner_client, persona, ("obama.jpg", face("obama.jpg")), ("obama2.jpg", face("obama2.jpg")))
+    assert Photo.objects.count() == 2
+    assert "obama.jpg: This photo is already among this double&#x27;s photos." in again.content.decode()
+
 def test_an_upload_without_htmx_redirects_so_a_reload_sends_nothing_again(owner_client, persona, consented):
     response = upload(owner_client, persona, ("obama.jpg", face("obama.jpg")), follow=False)
     assert response.status_code == 302 and response["Location"] == reverse("persona", args=[persona.id])
