@@ -236,7 +236,12 @@ def _check_photos_can_change(persona: Persona) -> None:
 
 
 def delete_photo(photo: Photo) -> None:
+    """Deletes a photo and analyses the rest again; a ready double's kept original just goes
+    (the double keeps the crops it was built from)."""
     persona = photo.persona
+    if persona.status == Persona.Status.READY:
+        photo.delete()
+        return
     _check_photos_can_change(persona)
     photo.delete()
     if persona.photos.exists():

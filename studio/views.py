@@ -151,7 +151,11 @@ def photo_delete(request: HttpRequest, photo_id: int) -> HttpResponse:
         services.delete_photo(photo)
     except services.NotAllowed as refusal:
         return _back_to_persona(request, persona, str(refusal))
-    return _persona_page(request, persona) if request.htmx else redirect("persona", persona_id=persona.id)
+    if request.htmx:
+        return _persona_page(request, persona)
+    if persona.status == Persona.Status.READY:
+        messages.success(request, _("The original photo is deleted."))
+    return redirect("persona", persona_id=persona.id)
 
 
 @login_required

@@ -45,10 +45,22 @@ def test_classic_double_keeps_crops_and_deletes_selfies(owner):
     assert persona.preprocessed and Path(persona.preprocessed.path).is_file()
 
 
-def test_keep_my_photos_keeps_them(owner):
+def test_keep_my_photos_keeps_them_on_the_ready_page_to_delete_one_by_one(owner, owner_client, other_client):
     persona = persona_with_photos(owner)
     jobs.build_double(services.request_training(persona, keep_photos=True).id)
     assert persona.photos.count() == 5
+    page = owner_client.get(reverse("persona", args=[persona.id])).content.decode()
+    assert "Your kept original photos" in page
+    photo = persona.photos.first()
+    assert reverse("photo_delete", args=[photo.id]) in page
+    persona.refresh_from_db()
+    built_from = persona.preprocessed.name
+    assert other_client.post(reverse("photo_delete", args=[photo.id])).status_code == 404
+    response = owner_client.post(reverse("photo_delete", args=[photo.id]), follow=True)
+    assert "The original photo is deleted." in response.content.decode()
+    assert not Path(photo.image.path).exists() and persona.photos.count() == 4
+    persona.refresh_from_db()
+    assert persona.status == "ready" and persona.preprocessed.name == built_from  # the double is as it was
 
 
 def test_building_twice_leaves_one_set_of_files(owner):
