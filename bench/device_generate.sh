@@ -14,7 +14,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, diffusers, transformers, peft, cv2; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'opencv', cv2.__version__)"
-timeout 450 python3 bench/generate.py --engine diffusion --shapes sd15 --device cuda "$@" 2>&1 \
+timeout 300 python3 bench/generate.py --engine diffusion --shapes sd15 --device cuda "$@" 2>&1 \
   | grep -v -e "should be kept in float32" -e "torchvision" -e "DeprecationWarning" -e "sigmas = np" \
             -e "ControlNets and you have passed" -e "truncated because CLIP" \
   | tee "${OUT:-/tmp}/bench_generate_sd15.log"

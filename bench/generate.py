@@ -300,18 +300,22 @@ def bench_diffusion(shapes: str, device: torch.device, batch: int, profile: bool
             second_s, _ = timed(many, 1, device)
             one_s, result = timed(one, repeats, device)
             many_s, _ = timed(many, 1 if not cuda else 2, device)
+            stages[name] = (stage_seconds(one, device), stage_seconds(many, device))
         except Exception as error:  # noqa: BLE001 (a trial's failure is a result; the rest still runs)
             if name not in trial_names:
                 raise
             print(f"{name}: failed: {type(error).__name__}: {error}", flush=True)
             continue
         outputs[name] = np.asarray(result[0].crop).astype(int)
+        graphs = ""
+        if engine.graphed:  # a module whose capture failed ran eagerly: its figures are not graphed ones
+            graphs = (f"; graphs captured {sum(len(g.graphs) for g in engine.graphed)}, "
+                      f"modules that fell back to eager {sum(g.failed for g in engine.graphed)}")
         print(f"{name}: first call {first_s:.3f} s, first batch {second_s:.3f} s, {one_s:.3f} s/portrait, "
-              f"batch {batch}: {many_s:.3f} s", flush=True)
+              f"batch {batch}: {many_s:.3f} s{graphs}", flush=True)
         rows.append((name, one_s, many_s))
-        if name == default:
-            graphed = engine.graphed
-        stages[name] = (stage_seconds(one, device), stage_seconds(many, device))
+        if name == default:  # now, as well as last: a trial that runs out of time leaves it printed
+            print(summary_line(one_s, many_s, batch, naive_s), flush=True)
         if profile and not (cuda and variant.cuda_graphs):
             from bench.profiling import kernel_table
 
@@ -323,9 +327,7 @@ def bench_diffusion(shapes: str, device: torch.device, batch: int, profile: bool
             print(f"{name} vs {default}: max pixel diff {diff.max()}, mean {diff.mean():.3f}")
     if cuda:
         diff = np.abs(outputs["ours, eager"] - outputs["ours, CUDA graphs"])
-        print(f"graphs captured: {sum(len(g.graphs) for g in graphed)}, "
-              f"modules that fell back to eager: {sum(g.failed for g in graphed)}; "
-              f"eager vs graphs: max pixel diff {diff.max()}, mean {diff.mean():.3f}")
+        print(f"eager vs graphs: max pixel diff {diff.max()}, mean {diff.mean():.3f}")
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 
     print()
@@ -338,9 +340,12 @@ def bench_diffusion(shapes: str, device: torch.device, batch: int, profile: bool
     print("|---|---|---|---|---|")
     for name, one_s, many_s in rows:
         print(f"| {name} | {one_s:.3f} | {many_s:.3f} | {batch / many_s:.2f} | {naive_s / one_s:.1f}x |")
-    _, best_one, best_many = next(row for row in rows if row[0] == default)
-    throughput = batch / best_many
-    print(f"portrait_s={best_one:.3f} batch{batch}_portraits_per_s={throughput:.2f} naive_portrait_s={naive_s:.3f}")
+    _, default_one, default_many = next(row for row in rows if row[0] == default)
+    print(summary_line(default_one, default_many, batch, naive_s))
+
+
+def summary_line(one_s: float, many_s: float, batch: int, naive_s: float) -> str:
+    return f"portrait_s={one_s:.3f} batch{batch}_portraits_per_s={batch / many_s:.2f} naive_portrait_s={naive_s:.3f}"
 
 
 def main() -> None:

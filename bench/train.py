@@ -11,8 +11,8 @@ worker does on its first job), then short runs without the CUDA graph and with e
 layout (each layout warmed up first), and the default run with the faster layout. `--profile`
 first prints where the GPU time of eager training steps and of one validation goes;
 `--trial FLAG` adds the same short run with a TrainConfig flag off and on, back to back
-(compiled_norms: pipeline/compiling.py's compiled GroupNorm; lean_lora: LeanLoraForward), and
-the default run then takes the faster value of each (printed before it). The last line is
+(compiled_norms: pipeline/compiling.py's compiled GroupNorm; lean_lora: LeanLoraForward), after
+the default run, whose summary line is printed as soon as it is measured, and again last:
 `sample_s=... naive_sample_s=... speedup=... run_s=...`; run_s is the measured default run
 (800 steps x 4 samples + 8 validations + fusion) when --steps is 800, else extrapolated to it.
 """
@@ -302,6 +302,11 @@ def main() -> None:
             layouts[channels_last] = trial["sample_s"]
         if layouts:
             config = replace(config, channels_last=min(layouts, key=layouts.get))
+    ours = run_ours(models, photos, templates, config)
+    print(f"ours: {ours}", flush=True)
+    layout = "channels_last" if config.channels_last and device.type == "cuda" else "NCHW"
+    rows.append((f"ours, {ours['mode']}, {layout} ({ours['steps']} steps)", ours["sample_s"], ours))
+    print(summary_line(ours, naive), flush=True)  # now, as well as last: trials may run out of time
     for flag in args.trial:  # the same run with the flag off and on, back to back, each warmed up
         trial_steps = args.layout_steps or (100 if device.type == "cuda" else steps)
         short = replace(config, max_steps=trial_steps, checkpoint_every=trial_steps)
@@ -310,21 +315,11 @@ def main() -> None:
             warm = run_ours(models, photos, templates, replace(short, max_steps=10, checkpoint_every=10, **{flag: value}))
             print(f"{flag}={value}, warm-up job (10 steps; compiles what it compiles): "
                   f"total {time.perf_counter() - started:.1f} s, train {warm['seconds']['train']:.1f} s", flush=True)
-        sample_s = {}
         for value in (False, True):
             trial = run_ours(models, photos, templates, replace(short, **{flag: value}))
             name = f"ours, {trial['mode']}, {flag}={value} ({trial['steps']} steps)"
             print(f"{name}: {trial}", flush=True)
             rows.append((name, trial["sample_s"], trial))
-            sample_s[value] = trial["sample_s"]
-        config = replace(config, **{flag: min(sample_s, key=sample_s.get)})  # as the layouts: the faster
-    if args.trial:
-        print("the default run takes each trial's faster value: "
-              + ", ".join(f"{flag}={getattr(config, flag)}" for flag in args.trial), flush=True)
-    ours = run_ours(models, photos, templates, config)
-    print(f"ours: {ours}", flush=True)
-    layout = "channels_last" if config.channels_last and device.type == "cuda" else "NCHW"
-    rows.append((f"ours, {ours['mode']}, {layout} ({ours['steps']} steps)", ours["sample_s"], ours))
 
     print()
     print("| variant | s/sample | s/step (x4) | speedup | loss |")
@@ -338,10 +333,12 @@ def main() -> None:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     label = "measured" if ours["run_measured"] else "extrapolated to 800 steps + 8 checkpoints"
     print(f"run_s is {label}")
-    print(
-        f"sample_s={ours['sample_s']:.4f} naive_sample_s={naive:.4f} "
-        f"speedup={naive / ours['sample_s']:.1f} run_s={ours['run_s']:.1f}"
-    )
+    print(summary_line(ours, naive))
+
+
+def summary_line(ours: dict, naive: float) -> str:
+    return (f"sample_s={ours['sample_s']:.4f} naive_sample_s={naive:.4f} "
+            f"speedup={naive / ours['sample_s']:.1f} run_s={ours['run_s']:.1f}")
 
 
 if __name__ == "__main__":

@@ -133,6 +133,8 @@ class Photo(PersonaPart):
     status = models.CharField(_("status"), max_length=20, choices=Status.choices, default=Status.PENDING)
     reason_code = models.CharField(_("reason code"), max_length=40, blank=True)
     analysis = models.JSONField(_("face analysis"), default=dict, blank=True)
+    # Of the stored (cleaned) image: the same file sent again cleans to the same bytes.
+    sha256 = models.CharField(_("SHA-256"), max_length=64, blank=True, editable=False)
 
     class Meta:
         ordering = ["created"]

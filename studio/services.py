@@ -126,7 +126,7 @@ def add_photos(persona: Persona, uploads: list[UploadedFile]) -> list[Refusal]:
     _check_photos_can_change(persona)
     refusals: list[Refusal] = []
     stored: list[Photo] = []
-    present = {_digest(photo.image) for photo in persona.photos.all()}
+    present = set(persona.photos.exclude(sha256="").values_list("sha256", flat=True))
     for upload in uploads:
         try:
             jpeg = clean_photo(upload)
@@ -138,14 +138,12 @@ def add_photos(persona: Persona, uploads: list[UploadedFile]) -> list[Refusal]:
             continue
         present.add(digest)
         thumbnail = thumbnail_jpeg(jpeg)
-        photo = Photo(persona=persona)
+        photo = Photo(persona=persona, sha256=digest)
         try:
             photo.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=False)
             photo.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail), save=True)
         except Exception:
-            for half_stored in (photo.image, photo.thumbnail):  # no selfie without its row
-                if half_stored:
-                    half_stored.delete(save=False)
+            _delete_stored(photo.image, photo.thumbnail)  # no selfie without its row
             raise
         stored.append(photo)
     if stored:
@@ -159,10 +157,11 @@ def add_photos(persona: Persona, uploads: list[UploadedFile]) -> list[Refusal]:
     return refusals
 
 
-def _digest(stored) -> str:
-    """SHA-256 of a stored photo: the same upload cleans to the same bytes (studio.uploads)."""
-    with stored.open("rb") as image:
-        return hashlib.sha256(image.read()).hexdigest()
+def _delete_stored(*files) -> None:
+    """Removes the files of a row that was not written."""
+    for stored in files:
+        if stored:
+            stored.delete(save=False)
 
 
 def analyse_persona(persona: Persona) -> PreprocessResult:
@@ -500,13 +499,17 @@ def delete_persona(persona: Persona) -> None:
     waiting jobs leave the queue, and the person's next job takes their turn.
 
     Refused while one of its jobs runs: the worker could be storing what it made at that moment.
+    The job rows stay locked from that check to the delete, so a worker cannot start one in
+    between (it finds the row gone, studio.jobs.run_job) nor store a portrait (save_portrait).
     """
-    jobs = list(persona.jobs.all())
-    if any(job.status == Job.Status.RUNNING for job in jobs):
-        raise NotAllowed(_("Something is being made from this double right now. Cancel it, or let it finish, then delete the double."))
-    _remove_from_queue(jobs)
     with transaction.atomic():
-        persona.delete()  # a job that starts meanwhile finds its row gone and stops (studio.jobs)
+        jobs = list(Job.objects.select_for_update().filter(persona=persona))
+        if any(job.status == Job.Status.RUNNING for job in jobs):
+            raise NotAllowed(
+                _("Something is being made from this double right now. Cancel it, or let it finish, then delete the double.")
+            )
+        _remove_from_queue(jobs)
+        persona.delete()
         transaction.on_commit(dispatch_waiting_jobs, robust=True)
 
 
@@ -610,15 +613,24 @@ def train_double(
 
 
 def save_portrait(job: Job, template: Template, image: Image.Image, identity: float | None) -> Portrait:
-    """Stores a finished portrait and its thumbnail; a new row, so reruns never overwrite."""
-    if not Job.objects.filter(pk=job.pk, cancel_requested=False).exists():
-        raise Cancelled()  # cancelled, or the person deleted their data: write nothing
+    """Stores a finished portrait and its thumbnail; a new row, so reruns never overwrite.
+
+    The job row stays locked while the files and the row are written: deleting the double waits
+    for it (delete_persona), and files whose row could not be written are removed.
+    """
     out = io.BytesIO()
     image.convert("RGB").save(out, "JPEG", quality=92)
     portrait = Portrait(persona=job.persona, template=template, job=job, identity_similarity=identity)
-    portrait.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(out.getvalue()), save=False)
-    portrait.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail_jpeg(out.getvalue())), save=False)
-    portrait.save()
+    with transaction.atomic():
+        if not Job.objects.select_for_update().filter(pk=job.pk, cancel_requested=False).exists():
+            raise Cancelled()  # cancelled, or the person deleted the double or their data: write nothing
+        try:
+            portrait.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(out.getvalue()), save=False)
+            portrait.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail_jpeg(out.getvalue())), save=False)
+            portrait.save()
+        except Exception:
+            _delete_stored(portrait.image, portrait.thumbnail)
+            raise
     return portrait
 
 

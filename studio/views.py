@@ -129,7 +129,7 @@ def photo_upload(request: HttpRequest, persona_id: int) -> HttpResponse:
     if request.htmx:
         return _persona_page(request, persona, refusals=refusals)
     for refused in refusals:  # the page after the redirect lists them; a reload sends nothing again
-        messages.warning(request, f"{refused.name}: {refused.message}")
+        messages.warning(request, _("%(name)s: %(message)s") % {"name": refused.name, "message": refused.message})
     return redirect("persona", persona_id=persona.id)
 
 

@@ -12,9 +12,11 @@ import redis
 import pytest
 from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import OperationalError
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
+from PIL import Image
 
 from studio import jobs, services
 from studio.models import Job, Persona, Photo, Portrait
@@ -265,3 +267,17 @@ def test_each_job_kind_has_its_own_timeout(owner, settings):
     job = services.request_portraits(persona, demo_templates(owner, 1))
     rq_job = django_rq.get_queue("gpu").fetch_job(Job.objects.get(pk=job.pk).rq_job_id)
     assert rq_job.timeout == settings.PORTRAIT_JOB_TIMEOUT_S != settings.GPU_JOB_TIMEOUT_S
+
+
+def test_a_portrait_whose_row_cannot_be_written_leaves_no_file(owner, monkeypatch):
+    persona = ready_persona(owner)
+    (template,) = demo_templates(owner, 1)
+    job = services.request_portraits(persona, [template])
+
+    def lost_database(*args, **kwargs):
+        raise OperationalError("the database went away")
+
+    monkeypatch.setattr(Portrait, "save", lost_database)
+    with pytest.raises(OperationalError):
+        services.save_portrait(job, template, Image.new("RGB", (64, 64), "grey"), 0.9)
+    assert list((Path(settings.MEDIA_ROOT) / "users" / str(owner.id)).glob("portraits/*")) == []
