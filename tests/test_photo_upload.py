@@ -88,8 +88,8 @@ def test_bad_file_is_refused_and_leaves_nothing(owner_client, persona, consented
 def test_an_empty_file_is_refused_by_name_and_the_rest_of_the_batch_is_kept(owner_client, persona, consented, htmx):
     response = upload(owner_client, persona, ("obama.jpg", face("obama.jpg")), ("empty.jpg", b""), htmx=htmx)
     assert response.status_code == 200
-    assert "empty.jpg</strong>: This file is empty." in response.content.decode() if htmx else (
-        "empty.jpg: This file is empty." in response.content.decode())
+    shown = "empty.jpg</strong>: This file is empty." if htmx else "empty.jpg: This file is empty."  # panel / message
+    assert shown in response.content.decode()
     assert Photo.objects.count() == 1
 
 
