@@ -19,7 +19,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from photobooth.dev import free_port
 from studio.models import Portrait
-from tests.jobs_fixtures import FACES, FIVE_OBAMAS, demo_templates
+from tests.jobs_fixtures import FACES, demo_templates, five_obamas
 from tests.processes import ROOT, start_worker, database_url_for_processes
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -99,7 +99,10 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner, tmp_path):
         page.set_input_files("input[type=file]", [str(path) for path in too_many])
         page.click("button:has-text('Upload')")
         expect(page.locator("#photos")).to_contain_text("You can add 20 more photos to this double; you sent 21.")
-        page.set_input_files("input[type=file]", [str(FACES / name) for name in FIVE_OBAMAS])
+        page.set_input_files(
+            "input[type=file]",
+            [{"name": name, "mimeType": "image/jpeg", "buffer": data} for name, data in five_obamas()],
+        )
         page.click("button:has-text('Upload')")
         expect(page.locator(".counter")).to_contain_text("5 good photos.")
         screenshot(page, "1-photos.png")

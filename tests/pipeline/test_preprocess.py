@@ -23,7 +23,7 @@ from pipeline.preprocess import (
 
 REPO = Path(__file__).resolve().parents[2]
 OBAMA = ["obama.jpg", "obama2.jpg", "obama3.jpg", "obama1.jpg", "obama-480p.jpg"]
-PERSONA = OBAMA + ["biden.jpg", "two_people.jpg"]
+PERSONA = OBAMA + ["obama_partial_face.jpg", "biden.jpg", "two_people.jpg"]
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -73,6 +73,7 @@ def test_obama_photos_are_kept_and_the_others_refused_with_reasons(result):
     # obama-480p.jpg is the official portrait letterboxed: one of the two may go.
     portrait = sorted([reasons["obama.jpg"] or "", reasons["obama-480p.jpg"] or ""])
     assert portrait in (["", ""], ["", "near_duplicate"])
+    assert reasons["obama_partial_face.jpg"] == "face_cut_off"
     assert reasons["biden.jpg"] == "different_person"
     assert reasons["two_people.jpg"] == "multiple_faces"
     assert reasons["landscape.png"] == "no_face"
