@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 import numpy as np
@@ -99,6 +100,22 @@ def test_the_same_file_twice_is_stored_once(owner_client, persona, consented):
     again = upload(owner_client, persona, ("obama.jpg", face("obama.jpg")), ("obama2.jpg", face("obama2.jpg")))
     assert Photo.objects.count() == 2
     assert "obama.jpg: This photo is already among this double&#x27;s photos." in again.content.decode()
+
+@pytest.mark.django_db(transaction=True)
+def test_photos_stored_before_migration_0005_are_hashed_so_a_second_copy_is_refused(owner_client, persona, consented):
+    upload(owner_client, persona, ("obama.jpg", face("obama.jpg")), ("obama2.jpg", face("obama2.jpg")))
+    first, gone = Photo.objects.order_by("id")
+    hashed = first.sha256
+    gone.image.delete(save=False)  # a raw selfie deleted once its double was built
+    Photo.objects.update(sha256="")  # as 0005 left the photos stored before it
+    call_command("migrate", "studio", "0005", verbosity=0)
+    call_command("migrate", "studio", verbosity=0)
+    assert Photo.objects.get(pk=first.pk).sha256 == hashed
+    assert Photo.objects.get(pk=gone.pk).sha256 == ""
+    again = upload(owner_client, persona, ("obama.jpg", face("obama.jpg")))
+    assert "obama.jpg: This photo is already among this double&#x27;s photos." in again.content.decode()
+    assert Photo.objects.count() == 2
+
 
 def test_an_upload_without_htmx_redirects_so_a_reload_sends_nothing_again(owner_client, persona, consented):
     response = upload(owner_client, persona, ("obama.jpg", face("obama.jpg")), follow=False)
