@@ -60,6 +60,19 @@ class PhotoUploadForm(forms.Form):
     def __init__(self, *args, room: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.room = room
+        # upload.js refuses a larger choice before sending it: past DATA_UPLOAD_MAX_NUMBER_FILES
+        # Django answers the request with a bare 400 before this form sees it.
+        self.fields["photos"].widget.attrs.update(
+            {
+                "data-room": room,
+                "data-too-many": ngettext(
+                    "You can add %(count)d more photo to this double. Please choose fewer.",
+                    "You can add %(count)d more photos to this double. Please choose fewer.",
+                    room,
+                )
+                % {"count": room},
+            }
+        )
 
     def clean_photos(self) -> list:
         photos = self.cleaned_data["photos"]

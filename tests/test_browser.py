@@ -92,11 +92,32 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner, tmp_path):
         page.click("button:has-text('Create')")
         page.check("#id_agree")
         page.click("button:has-text('I agree')")
-        # A refused batch (400) is shown in place, through htmx: one file more than there is room for.
+        # One file more than there is room for is refused in the browser, before anything is sent
+        # (past 100 files Django would refuse the request before our form could explain).
         too_many = [tmp_path / f"{index}.jpg" for index in range(21)]
         for path in too_many:
             path.write_bytes((FACES / "obama_small.jpg").read_bytes())
         page.set_input_files("input[type=file]", [str(path) for path in too_many])
+        posts: list[str] = []
+
+        def record_post(request) -> None:
+            if request.method == "POST":
+                posts.append(request.url)
+
+        page.on("request", record_post)
+        page.click("button:has-text('Upload')")
+        page.wait_for_timeout(1000)
+        page.remove_listener("request", record_post)
+        assert posts == []
+        assert page.eval_on_selector("input[type=file]", "input => input.validationMessage") == (
+            "You can add 20 more photos to this double. Please choose fewer."
+        )
+        # A refused batch (400) from the server is shown in place, through htmx: the browser's check
+        # is lifted (a page older than the last upload has more room than the double).
+        page.eval_on_selector(
+            "input[type=file]",
+            "input => { input.dataset.room = 100; input.dispatchEvent(new Event('change', {bubbles: true})); }",
+        )
         page.click("button:has-text('Upload')")
         expect(page.locator("#photos")).to_contain_text("You can add 20 more photos to this double; you sent 21.")
         page.set_input_files(

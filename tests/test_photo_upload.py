@@ -142,6 +142,32 @@ def test_photos_of_a_double_being_built_are_refused_on_its_whole_page(owner_clie
     assert list(Photo.objects.all()) == [photo]
 
 
+def test_the_page_tells_the_browser_how_many_files_it_may_send(owner_client, persona, consented):
+    upload(owner_client, persona, ("obama.jpg", face("obama.jpg")))
+    page = owner_client.get(reverse("persona", args=[persona.id])).content.decode()
+    assert 'data-room="19"' in page
+    assert 'data-too-many="You can add 19 more photos to this double. Please choose fewer."' in page
+
+
+@pytest.mark.parametrize(("language", "words"), [("en", "We could not read that request"), ("zh-CN", "我们无法读取这个请求")])
+def test_more_files_than_django_reads_get_a_readable_400_and_store_nothing(
+    owner_client, persona, consented, language, words
+):
+    count = settings.DATA_UPLOAD_MAX_NUMBER_FILES + 1
+    payload = [SimpleUploadedFile(f"{i}.jpg", b"x") for i in range(count)]
+    response = owner_client.post(
+        reverse("photo_upload", args=[persona.id]), {"photos": payload}, headers={"accept-language": language}
+    )
+    assert response.status_code == 400
+    assert words in response.content.decode()
+    assert not Photo.objects.exists() and stored_files() == []
+
+
+def test_a_missing_page_is_a_readable_404(owner_client):
+    response = owner_client.get("/no-such-page/", headers={"accept-language": "zh-CN"})
+    assert response.status_code == 404 and "找不到页面" in response.content.decode()
+
+
 def test_twenty_one_files_in_one_request_are_refused(owner_client, persona, consented):
     response = upload(owner_client, persona, *[(f"{i}.jpg", face("obama_small.jpg")) for i in range(21)])
     assert response.status_code == 400

@@ -15,8 +15,12 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   document.body.addEventListener("change", (event) => {
     if (!event.target.matches(".upload input[type=file]")) return;
-    const previews = event.target.closest("form").querySelector(".previews");
-    previews.replaceChildren(...Array.from(event.target.files).map((file) => {
+    const input = event.target;
+    // More files than the double has room for are refused here, with the server's words.
+    input.setCustomValidity(input.files.length > Number(input.dataset.room) ? input.dataset.tooMany : "");
+    input.reportValidity();
+    const previews = input.closest("form").querySelector(".previews");
+    previews.replaceChildren(...Array.from(input.files).map((file) => {
       const image = document.createElement("img");
       image.src = URL.createObjectURL(file);
       image.alt = file.name;
