@@ -13,6 +13,7 @@ from pathlib import PurePosixPath
 
 from django.conf import settings
 from django.db import models
+from django.utils.text import slugify
 from django.utils.translation import gettext_lazy as _
 
 
@@ -243,3 +244,10 @@ class Portrait(PersonaPart):
         ordering = ["-created"]
         verbose_name = _("portrait")
         verbose_name_plural = _("portraits")
+
+    @property
+    def file_name(self) -> str:
+        """What a download of it is called: its double, its template and its number."""
+        title = self.template.title if self.template else ""
+        words = [slugify(self.persona.name, allow_unicode=True), slugify(title, allow_unicode=True), str(self.id)]
+        return "-".join(word for word in words if word) + PurePosixPath(self.image.name).suffix

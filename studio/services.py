@@ -471,7 +471,7 @@ def album_archive(persona: Persona) -> io.BytesIO:
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
         for portrait in persona.portraits.all():
             with portrait.image.open("rb") as image:
-                archive.writestr(f"portrait-{portrait.id}{Path(portrait.image.name).suffix}", image.read())
+                archive.writestr(portrait.file_name, image.read())
     buffer.seek(0)
     return buffer
 

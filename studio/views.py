@@ -5,7 +5,6 @@ from __future__ import annotations
 import mimetypes
 import posixpath
 import re
-from pathlib import Path
 from urllib.parse import urlencode
 
 from django.conf import settings
@@ -17,6 +16,7 @@ from django.db.models import Q
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils.text import slugify
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 from django.views.decorators.cache import never_cache
@@ -311,8 +311,7 @@ def portrait_detail(request: HttpRequest, portrait_id: int) -> HttpResponse:
 @require_GET
 def portrait_download(request: HttpRequest, portrait_id: int) -> FileResponse:
     portrait = get_object_or_404(Portrait, id=portrait_id, owner=request.user)
-    name = f"portrait-{portrait.id}{Path(portrait.image.name).suffix}"
-    return FileResponse(portrait.image.open("rb"), as_attachment=True, filename=name)
+    return FileResponse(portrait.image.open("rb"), as_attachment=True, filename=portrait.file_name)
 
 
 @login_required
@@ -320,13 +319,17 @@ def portrait_download(request: HttpRequest, portrait_id: int) -> FileResponse:
 def album_zip(request: HttpRequest, persona_id: int) -> FileResponse:
     persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
     archive = services.album_archive(persona)
-    return FileResponse(archive, as_attachment=True, filename=f"portraits-{persona.id}.zip")
+    name = slugify(persona.name, allow_unicode=True) or str(persona.id)
+    return FileResponse(archive, as_attachment=True, filename=_("%(name)s-portraits.zip") % {"name": name})
 
 
 @login_required
 @require_POST
 def portrait_delete(request: HttpRequest, portrait_id: int) -> HttpResponse:
-    get_object_or_404(Portrait, id=portrait_id, owner=request.user).delete()
+    portrait = get_object_or_404(Portrait, id=portrait_id, owner=request.user)
+    if not _confirmed(request):
+        return redirect("portrait", portrait_id=portrait.id)
+    portrait.delete()
     messages.success(request, _("The portrait is deleted."))
     return redirect("album")
 

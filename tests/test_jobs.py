@@ -16,6 +16,7 @@ from django.db import OperationalError
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.text import slugify
 from PIL import Image
 
 from studio import jobs, services
@@ -99,7 +100,10 @@ def test_portraits_land_in_the_album(owner, owner_client, other_client):
     download = owner_client.get(reverse("portrait_download", args=[portraits[0].id]))
     assert download["Content-Disposition"].startswith("attachment")
     archive = zipfile.ZipFile(io.BytesIO(b"".join(owner_client.get(reverse("album_zip", args=[persona.id])).streaming_content)))
-    assert sorted(archive.namelist()) == sorted(f"portrait-{p.id}.jpg" for p in portraits)
+    # Named after the double and the template: "me-official-portrait-3.jpg".
+    assert download["Content-Disposition"].endswith(f'filename="{portraits[0].file_name}"')
+    assert portraits[0].file_name == f"me-{slugify(portraits[0].template.title)}-{portraits[0].id}.jpg"
+    assert sorted(archive.namelist()) == sorted(p.file_name for p in portraits)
     for url in [reverse("portrait", args=[portraits[0].id]), reverse("portrait_download", args=[portraits[0].id]),
                 reverse("album_zip", args=[persona.id]), reverse("media_file", args=[portraits[0].image.name]),
                 reverse("media_file", args=[portraits[0].thumbnail.name])]:
@@ -107,7 +111,10 @@ def test_portraits_land_in_the_album(owner, owner_client, other_client):
     assert other_client.post(reverse("portrait_delete", args=[portraits[0].id])).status_code == 404
     assert other_client.post(reverse("album_delete", args=[persona.id])).status_code == 404
 
-    owner_client.post(reverse("portrait_delete", args=[portraits[0].id]))
+    unticked = owner_client.post(reverse("portrait_delete", args=[portraits[0].id]), follow=True)
+    assert "Nothing was deleted: tick the box to confirm." in unticked.content.decode()
+    assert Path(portraits[0].image.path).exists()
+    owner_client.post(reverse("portrait_delete", args=[portraits[0].id]), {"confirm": "on"})
     assert not Path(portraits[0].image.path).exists()
     unticked = owner_client.post(reverse("album_delete", args=[persona.id]), follow=True)
     assert "Nothing was deleted: tick the box to confirm." in unticked.content.decode()
