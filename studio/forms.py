@@ -88,7 +88,15 @@ class PhotoUploadForm(forms.Form):
         return photos
 
 
-class FaceConsentForm(forms.Form):
+class SentenceLabels(forms.Form):
+    """Checkbox labels here are whole sentences: no ":" after them ("我同意…。:" read badly)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("label_suffix", "")
+        super().__init__(*args, **kwargs)
+
+
+class FaceConsentForm(SentenceLabels):
     agree = forms.BooleanField(
         label=_("I agree that Photobooth processes my face to build my digital double."),
         error_messages={"required": _("Please tick the box to agree, or leave this page.")},
@@ -117,7 +125,7 @@ class TemplateForm(forms.ModelForm):
         return upload
 
 
-class DeleteDataForm(forms.Form):
+class DeleteDataForm(SentenceLabels):
     confirm = forms.BooleanField(
         label=_("I understand that my photos, digital doubles and portraits are deleted for good."),
         error_messages={"required": _("Tick the box to confirm.")},
