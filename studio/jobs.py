@@ -211,9 +211,13 @@ def _build_double(job: Job, report: JobReporter) -> None:
             persona.save(update_fields=[*outputs, "engine", "identity_score", "status"])
             transaction.on_commit(lambda: [default_storage.delete(name) for name in old_files])
             transaction.on_commit(lambda: training_folders.discard(persona.pk))  # stored: no resuming
-            if not persona.keep_photos:
-                for photo in Photo.objects.filter(persona=persona):
-                    photo.delete()
+            # The raw selfies go unless the person keeps them; refused ones go either way: the
+            # double was not built from them, and they are biometric data all the same.
+            leaving = Photo.objects.filter(persona=persona)
+            if persona.keep_photos:
+                leaving = leaving.exclude(status=Photo.Status.ACCEPTED)
+            for photo in leaving:
+                photo.delete()
     services.publish_persona(persona)
 
 

@@ -50,8 +50,11 @@ def test_classic_double_keeps_crops_and_deletes_selfies(owner):
 
 def test_keep_my_photos_keeps_them_on_the_ready_page_to_delete_one_by_one(owner, owner_client, other_client):
     persona = persona_with_photos(owner)
+    services.add_photos(persona, [SimpleUploadedFile("biden.jpg", (FACES / "biden.jpg").read_bytes())])
+    refused = persona.photos.get(status=Photo.Status.REJECTED)
     jobs.build_double(services.request_training(persona, keep_photos=True).id)
-    assert persona.photos.count() == 5
+    assert persona.photos.count() == 5 and not persona.photos.filter(pk=refused.pk).exists()
+    assert not Path(refused.image.path).exists()  # not part of the double: not kept
     page = owner_client.get(reverse("persona", args=[persona.id])).content.decode()
     assert "Your kept original photos" in page
     photo = persona.photos.first()
