@@ -15,7 +15,7 @@ import uuid
 import zipfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import django_rq
 from asgiref.sync import async_to_sync
@@ -432,8 +432,17 @@ def template_face_boxes(jpeg: bytes) -> list[list[float]]:
     return analyse_template(Image.open(io.BytesIO(jpeg)), face_analyzer()).boxes
 
 
-def thumbnail_jpeg(data: bytes, size: int = THUMBNAIL_PX) -> bytes:
+def thumbnail_jpeg(data: bytes, size: int = THUMBNAIL_PX, face: Sequence[float] | None = None) -> bytes:
+    """A small JPEG; with a face box, a 3:4 cut around the face, the shape of the gallery's and
+    album's cards (their centred cut of a tall portrait showed a torso without a head)."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
+    if face is not None:
+        width = min(image.width, image.height * 3 / 4)
+        height = width * 4 / 3
+        x0, y0, x1, y1 = face
+        left = min(max((x0 + x1) / 2 - width / 2, 0), image.width - width)
+        top = min(max((y0 + y1) / 2 - 0.4 * height, 0), image.height - height)  # the face a little above the middle
+        image = image.crop((round(left), round(top), round(left + width), round(top + height)))
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=85)
@@ -461,7 +470,8 @@ def _store_template(template: Template, jpeg: bytes, face_boxes: list, uploaded_
     template.uploaded_by = uploaded_by
     template.face_boxes = face_boxes
     template.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=False)
-    template.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail_jpeg(jpeg)), save=False)
+    thumbnail = thumbnail_jpeg(jpeg, face=face_boxes[0])
+    template.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail), save=False)
     template.save()
 
 
@@ -626,7 +636,8 @@ def save_portrait(job: Job, template: Template, image: Image.Image, identity: fl
             raise Cancelled()  # cancelled, or the person deleted the double or their data: write nothing
         try:
             portrait.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(out.getvalue()), save=False)
-            portrait.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail_jpeg(out.getvalue())), save=False)
+            thumbnail = thumbnail_jpeg(out.getvalue(), face=template.face_boxes[0] if template.face_boxes else None)
+            portrait.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail), save=False)
             portrait.save()
         except Exception:
             _delete_stored(portrait.image, portrait.thumbnail)

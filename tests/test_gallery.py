@@ -38,6 +38,16 @@ def test_staff_adds_a_template_with_a_face(staff_client):
     assert template.thumbnail and max(Image.open(template.thumbnail).size) <= services.THUMBNAIL_PX
 
 
+def test_a_tall_templates_card_is_cut_around_its_face(staff_client):
+    """biden.jpg is 970 x 2204 with the face at the top: the card's centred cut showed a torso."""
+    staff_client.post(reverse("template_new"), template_post((FACES / "biden.jpg").read_bytes()))
+    thumbnail = Image.open(Template.objects.get().thumbnail).convert("RGB")
+    assert thumbnail.size == (288, 384)  # the cards' 3:4
+    (face,) = services.face_analyzer().analyze(thumbnail)
+    x0, y0, x1, y1 = face.box
+    assert 0.3 < (y0 + y1) / 2 / thumbnail.height < 0.5 and 0.3 < (x0 + x1) / 2 / thumbnail.width < 0.7
+
+
 def test_template_without_a_face_is_refused_with_the_reason(staff_client):
     blank = io.BytesIO()
     Image.new("RGB", (600, 800), "skyblue").save(blank, "JPEG")

@@ -97,6 +97,7 @@ def test_portraits_land_in_the_album(owner, owner_client, other_client):
     assert job.status == "succeeded" and len(portraits) == 2
     assert {p.template_id for p in portraits} == {t.id for t in templates}
     assert all(p.identity_similarity is not None and p.identity_similarity > 0.8 for p in portraits)
+    assert all(Image.open(p.thumbnail).size == (288, 384) for p in portraits)  # the album's 3:4 cards
 
     album = owner_client.get(reverse("album")).content.decode()
     assert all(reverse("portrait", args=[p.id]) in album for p in portraits)
