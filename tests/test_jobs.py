@@ -21,6 +21,7 @@ from PIL import Image
 
 from studio import jobs, services
 from studio.models import Job, Persona, Photo, Portrait
+from studio.templatetags.studio import job_state
 from tests.jobs_fixtures import FACES, demo_templates, persona_with_photos, ready_persona
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -126,6 +127,20 @@ def test_portraits_land_in_the_album(owner, owner_client, other_client):
     deleted = owner_client.post(reverse("album_delete", args=[persona.id]), {"confirm": "on"}, follow=True)
     assert f"1 portrait of {persona.name} is deleted." in deleted.content.decode()
     assert not Portrait.objects.filter(persona=persona).exists()
+
+
+@pytest.mark.parametrize(
+    ("typical_s", "progress", "words"),
+    [(4, 0.0, "Rendering portraits Less than a minute left."), (600, 0.5, "Rendering portraits About 5 minutes left.")],
+)
+def test_a_running_job_says_how_long_is_left_from_recent_durations(owner, typical_s, progress, words):
+    persona = Persona.objects.create(owner=owner, name="Me", status=Persona.Status.READY)
+    now = timezone.now()
+    Job.objects.create(owner=owner, persona=persona, kind=Job.Kind.GENERATE, status=Job.Status.SUCCEEDED,
+                       started=now - timedelta(seconds=typical_s), finished=now)
+    running = Job.objects.create(owner=owner, persona=persona, kind=Job.Kind.GENERATE, status=Job.Status.RUNNING,
+                                 stage="portrait", progress=progress, started=now)
+    assert job_state(running) == words
 
 
 def test_portraits_need_a_ready_double(owner):

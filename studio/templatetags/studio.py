@@ -30,8 +30,10 @@ def job_state(job: Job) -> str:
         }
     else:
         text = str(STAGES.get(job.stage, _("Working")))
-    if eta is not None:
-        minutes = max(1, round(eta / 60))
+    if eta is not None and eta < 60:
+        text += " " + _("Less than a minute left.")  # a portrait takes seconds: "about 1 minute" misled
+    elif eta is not None:
+        minutes = round(eta / 60)
         text += " " + ngettext("About %(minutes)d minute left.", "About %(minutes)d minutes left.", minutes) % {
             "minutes": minutes
         }
