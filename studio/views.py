@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import mimetypes
 import posixpath
 import re
+from typing import Callable
 from urllib.parse import urlencode
 
 from django.conf import settings
@@ -26,6 +28,22 @@ from django.views.decorators.vary import vary_on_headers
 from studio import health, services
 from studio.forms import DeleteDataForm, FaceConsentForm, PersonaForm, PhotoUploadForm, SignupForm, TemplateForm
 from studio.models import Job, Persona, Photo, Portrait, Template, owner_folder
+
+
+def post_with_get_back_to(page: str) -> Callable:
+    """For a form's POST-only URL: a refused form is shown at that URL, so a reload or a later
+    visit opens it with GET, which sends the person to the form's page instead of a blank 405."""
+
+    def decorate(view: Callable) -> Callable:
+        @functools.wraps(view)
+        def get_or_post(request: HttpRequest, **kwargs) -> HttpResponse:
+            if request.method == "GET":
+                return redirect(page, **kwargs)
+            return view(request, **kwargs)
+
+        return require_http_methods(["GET", "POST"])(get_or_post)
+
+    return decorate
 
 
 def home(request: HttpRequest) -> HttpResponse:
@@ -60,7 +78,7 @@ def login_locked_out(request: HttpRequest, original_response=None, credentials=N
 
 
 @login_required
-@require_POST
+@post_with_get_back_to("home")
 def persona_create(request: HttpRequest) -> HttpResponse:
     form = PersonaForm(request.POST)
     if not form.is_valid():
@@ -102,7 +120,7 @@ def persona_detail(request: HttpRequest, persona_id: int) -> HttpResponse:
 
 
 @login_required
-@require_POST
+@post_with_get_back_to("persona")
 def face_consent(request: HttpRequest, persona_id: int) -> HttpResponse:
     persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
     form = FaceConsentForm(request.POST)
@@ -113,7 +131,7 @@ def face_consent(request: HttpRequest, persona_id: int) -> HttpResponse:
 
 
 @login_required
-@require_POST
+@post_with_get_back_to("persona")
 def photo_upload(request: HttpRequest, persona_id: int) -> HttpResponse:
     """Without consent nothing is stored; refused files are listed with their reason."""
     persona = get_object_or_404(Persona, id=persona_id, owner=request.user)

@@ -39,6 +39,17 @@ def test_create_double_without_name_shows_error(owner_client, owner):
     assert not Persona.objects.filter(owner=owner).exists()
 
 
+def test_a_forms_post_url_opened_later_leads_back_to_its_page(owner_client, other_client, persona):
+    """A refused form is shown at its POST URL: a reload or a bookmark of it used to be a blank 405."""
+    home = reverse("home")
+    assert owner_client.get(reverse("persona_create"))["Location"] == home
+    page = reverse("persona", args=[persona.id])
+    for name in ("face_consent", "photo_upload"):
+        assert owner_client.get(reverse(name, args=[persona.id]))["Location"] == page
+        assert other_client.get(reverse(name, args=[persona.id]), follow=True).status_code == 404
+    assert owner_client.put(reverse("persona_create")).status_code == 405
+
+
 def test_create_double_needs_login():
     response = Client().post(reverse("persona_create"), {"name": "x"})
     assert response.status_code == 302
