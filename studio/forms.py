@@ -23,6 +23,11 @@ class SignupForm(UserCreationForm):
     class Meta(UserCreationForm.Meta):
         model = User
         fields = ["username", "email"]
+        # Django's own words said "English letters only" in Chinese, yet 小明 is a valid name.
+        help_texts = {"username": _("Up to 150 characters: letters of any alphabet, digits and @ . + - _, no spaces.")}
+        error_messages = {
+            "username": {"invalid": _("Use only letters of any alphabet, digits and @ . + - _ in your username, no spaces.")}
+        }
 
 
 class PersonaForm(forms.ModelForm):
@@ -30,6 +35,9 @@ class PersonaForm(forms.ModelForm):
         model = Persona
         fields = ["name"]
         labels = {"name": _("Name of your digital double")}
+        error_messages = {
+            "name": {"max_length": _("Please keep the name to %(limit_value)d characters (it has %(show_value)d).")}
+        }
 
 
 class MultipleFileInput(forms.ClearableFileInput):

@@ -15,10 +15,10 @@ from tests.conftest import PASSWORD
 pytestmark = pytest.mark.django_db
 
 
-def signup(client: Client, **overrides) -> object:
+def signup(client: Client, headers: dict | None = None, **overrides) -> object:
     data = {"username": "newperson", "email": "new@example.com", "password1": PASSWORD, "password2": PASSWORD}
     data.update(overrides)
-    return client.post(reverse("signup"), data)
+    return client.post(reverse("signup"), data, headers=headers)
 
 
 def test_signup_creates_account_and_logs_in(client):
@@ -48,6 +48,14 @@ def test_signup_with_mismatched_passwords_shows_form_error(client):
     assert response.status_code == 200
     assert "The two password fields didn’t match." in response.content.decode()
     assert not User.objects.filter(username="newperson").exists()
+
+
+def test_a_username_in_any_alphabet_is_taken_and_a_space_is_refused_in_words_that_say_so(client):
+    refused = signup(client, username="小明 x", email="xm@example.com", headers={"accept-language": "zh-CN"})
+    assert "用户名只能使用任何文字的字母、数字和 @ . + - _，不能有空格。" in refused.content.decode()
+    assert "英文字母" not in refused.content.decode()  # Django's own words said English letters only
+    assert signup(client, username="小明", email="xm@example.com").status_code == 302
+    assert User.objects.filter(username="小明").exists()
 
 
 def test_signup_does_not_tell_whether_an_email_has_an_account(client, owner):

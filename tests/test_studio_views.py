@@ -50,6 +50,13 @@ def test_a_forms_post_url_opened_later_leads_back_to_its_page(owner_client, othe
     assert owner_client.put(reverse("persona_create")).status_code == 405
 
 
+def test_a_too_long_name_is_refused_in_plain_words(owner_client, owner):
+    response = owner_client.post(reverse("persona_create"), {"name": "x" * 100}, headers={"accept-language": "zh-CN"})
+    assert response.status_code == 400
+    assert "名字最多 80 个字符（现在有 100 个）。" in response.content.decode()
+    assert not Persona.objects.filter(owner=owner).exists()
+
+
 def test_create_double_needs_login():
     response = Client().post(reverse("persona_create"), {"name": "x"})
     assert response.status_code == 302
