@@ -144,11 +144,13 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner, tmp_path):
         page.click("button:has-text('Make my portraits')")
         page.evaluate("window.notReloaded = true")
         screenshot(page, "3-progress.png")  # the job, as it starts
-        expect(page.locator("#album-live .portrait")).to_have_count(2)
+        # Each arrives live, then takes its place in its double's group, with the group's actions.
+        expect(page.locator(".album-group .portrait")).to_have_count(2)
+        expect(page.locator("#album-live .portrait")).to_have_count(0)
+        expect(page.locator(".album-group a:has-text('Download all (zip)')")).to_be_visible()
         assert page.evaluate("window.notReloaded") is True
         screenshot(page, "4-album-live.png")
 
-        page.reload()
         page.click(".album-group .portrait a >> nth=0")
         page.wait_for_url("**/portraits/*/")
         with page.expect_download() as download:

@@ -20,3 +20,18 @@ function followPersonaStatus() {
   }
 }
 document.addEventListener("htmx:wsAfterMessage", followPersonaStatus);
+
+// The album groups portraits by double, each group with its download and delete. A portrait that
+// arrives over the socket shows at once at the top (#album-live); then the album is fetched again,
+// which puts it in its group, and the copies now in a group leave the top.
+function regroupAlbum() {
+  const live = document.getElementById("album-live");
+  if (!live || !live.children.length || live.dataset.fetching) return;
+  live.dataset.fetching = "true";
+  htmx.ajax("GET", live.dataset.url, { target: "#album", select: "#album", swap: "outerHTML" }).then(() => {
+    for (const item of Array.from(live.children)) {
+      if (document.querySelector(`#album #${item.id}`)) item.remove();
+    }
+  }).finally(() => { delete live.dataset.fetching; });
+}
+document.addEventListener("htmx:wsAfterMessage", regroupAlbum);
