@@ -137,13 +137,11 @@ def add_photos(persona: Persona, uploads: list[UploadedFile]) -> list[Refusal]:
             refusals.append(Refusal(upload.name, _("This photo is already among this double's photos.")))
             continue
         present.add(digest)
-        thumbnail = thumbnail_jpeg(jpeg)
-        photo = Photo(persona=persona, sha256=digest)
+        photo = Photo(persona=persona, sha256=digest)  # its thumbnail comes with its analysis
         try:
-            photo.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=False)
-            photo.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail), save=True)
+            photo.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=True)
         except Exception:
-            _delete_stored(photo.image, photo.thumbnail)  # no selfie without its row
+            _delete_stored(photo.image)  # no selfie without its row
             raise
         stored.append(photo)
     if stored:
@@ -181,14 +179,22 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
     with tempfile.TemporaryDirectory(prefix="photobooth-preprocess-") as folder:
         summary = write_preprocessed(result, folder)
         archive = shutil.make_archive(str(Path(folder).parent / Path(folder).name), "zip", folder)
+    new_thumbnails = []
     try:
         with transaction.atomic():
-            for photo, decision, check in zip(photos, summary["photos"], result.checks):
+            for photo, (_name, data), decision, check in zip(photos, inputs, summary["photos"], result.checks):
                 photo.status = Photo.Status.ACCEPTED if decision["accepted"] else Photo.Status.REJECTED
                 photo.reason_code = decision["reason"] or ""
                 reference = bool(result.reference and result.reference.name == str(photo.id))
                 photo.analysis = {**decision, "reference": reference, "check": check.to_json()}
-                photo.save(update_fields=["status", "reason_code", "analysis"])
+                fields = ["status", "reason_code", "analysis"]
+                if not photo.thumbnail:  # a new photo: its square card shows the face the checks found
+                    face = check.face.box if check.face is not None else None
+                    thumbnail = ContentFile(thumbnail_jpeg(data, face=face, aspect=1.0))
+                    photo.thumbnail.save(f"{uuid.uuid4().hex}.jpg", thumbnail, save=False)
+                    new_thumbnails.append(photo.thumbnail)
+                    fields.append("thumbnail")
+                photo.save(update_fields=fields)
             old = persona.preprocessed.name
             with open(archive, "rb") as zipped:
                 persona.preprocessed.save(f"preprocessed-{persona.id}.zip", File(zipped), save=False)
@@ -197,6 +203,9 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
                 transaction.on_commit(lambda: default_storage.delete(old))
             # A stopped build of the old photos can never resume now: its checkpoints go.
             transaction.on_commit(lambda: training_folders.discard(persona.pk))
+    except Exception:
+        _delete_stored(*new_thumbnails)  # their rows were not written
+        raise
     finally:
         os.unlink(archive)
     return result
@@ -432,13 +441,16 @@ def template_face_boxes(jpeg: bytes) -> list[list[float]]:
     return analyse_template(Image.open(io.BytesIO(jpeg)), face_analyzer()).boxes
 
 
-def thumbnail_jpeg(data: bytes, size: int = THUMBNAIL_PX, face: Sequence[float] | None = None) -> bytes:
-    """A small JPEG; with a face box, a 3:4 cut around the face, the shape of the gallery's and
-    album's cards (their centred cut of a tall portrait showed a torso without a head)."""
+def thumbnail_jpeg(
+    data: bytes, size: int = THUMBNAIL_PX, face: Sequence[float] | None = None, aspect: float = 3 / 4
+) -> bytes:
+    """A small JPEG; with a face box, a cut of the card's shape (width / height = `aspect`: 3:4 in
+    the gallery and album, square for photos) around the face: the cards' centred cut of a tall
+    photo showed a torso without a head."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     if face is not None:
-        width = min(image.width, image.height * 3 / 4)
-        height = width * 4 / 3
+        width = min(image.width, image.height * aspect)
+        height = width / aspect
         x0, y0, x1, y1 = face
         left = min(max((x0 + x1) / 2 - width / 2, 0), image.width - width)
         top = min(max((y0 + y1) / 2 - 0.4 * height, 0), image.height - height)  # the face a little above the middle

@@ -268,8 +268,12 @@ def test_deleting_a_photo_removes_its_file_and_reanalyses(
 def test_photo_pages_show_small_thumbnails_to_the_owner_only(owner_client, other_client, persona, consented):
     response = upload(owner_client, persona, ("a.jpg", face("obama3.jpg")), htmx=True)
     photo = Photo.objects.get()
-    thumbnail = Image.open(photo.thumbnail)
+    thumbnail = Image.open(photo.thumbnail).convert("RGB")
     assert max(thumbnail.size) == services.THUMBNAIL_PX < max(Image.open(photo.image).size)
+    # A square around the face: the card's centred square of this tall photo showed no head.
+    assert thumbnail.size == (services.THUMBNAIL_PX, services.THUMBNAIL_PX)
+    (found,) = services.face_analyzer().analyze(thumbnail)
+    assert 0.3 < (found.box[1] + found.box[3]) / 2 / thumbnail.height < 0.5
     url = reverse("media_file", args=[photo.thumbnail.name])
     assert f'src="{url}"' in response.content.decode()
     assert reverse("media_file", args=[photo.image.name]) not in response.content.decode()
