@@ -1,4 +1,13 @@
 // Drag and drop onto the upload form, with previews before sending. The form works without it.
+
+// More files than the double has room for are refused in the browser, with the server's words:
+// past Django's own limit the server could only answer a bare 400. False when there are too many.
+function checkRoom(input) {
+  const tooMany = input.files.length > Number(input.dataset.room);
+  input.setCustomValidity(tooMany ? input.dataset.tooMany : "");
+  return !tooMany;
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   document.body.addEventListener("dragover", (event) => {
     if (event.target.closest(".dropzone")) event.preventDefault();
@@ -16,9 +25,7 @@ document.addEventListener("DOMContentLoaded", () => {
   document.body.addEventListener("change", (event) => {
     if (!event.target.matches(".upload input[type=file]")) return;
     const input = event.target;
-    // More files than the double has room for are refused here, with the server's words.
-    input.setCustomValidity(input.files.length > Number(input.dataset.room) ? input.dataset.tooMany : "");
-    input.reportValidity();
+    if (!checkRoom(input)) input.reportValidity();
     const previews = input.closest("form").querySelector(".previews");
     previews.replaceChildren(...Array.from(input.files).map((file) => {
       const image = document.createElement("img");
@@ -26,5 +33,13 @@ document.addEventListener("DOMContentLoaded", () => {
       image.alt = file.name;
       return image;
     }));
+  });
+  // Checked again as htmx sends: files chosen before this script ran raised no change event here.
+  document.body.addEventListener("htmx:beforeRequest", (event) => {
+    const input = event.detail.elt.matches(".upload") && event.detail.elt.querySelector("input[type=file]");
+    if (input && !checkRoom(input)) {
+      event.preventDefault();
+      input.reportValidity();
+    }
   });
 });
