@@ -158,9 +158,10 @@ PHOTO_MAX_BYTES = env_int("PHOTO_MAX_MB", 15, minimum=1) * 2**20
 PHOTO_MAX_PIXELS = env_int("PHOTO_MAX_MEGAPIXELS", 50, minimum=1) * 1_000_000
 PHOTOS_PER_PERSONA = 20
 PHOTOS_NEEDED = 5
-# Well above our own per-request limit, so 21 or 99 files get our clear message, not Django's 400
-# (upload.js stops a larger choice in the browser; templates/400.html explains the rest).
-DATA_UPLOAD_MAX_NUMBER_FILES = 5 * PHOTOS_PER_PERSONA
+# Above our own per-request limit, so 21 files get our clear message, not Django's 400; not far
+# above, since each file may be 15 MB. upload.js stops a larger choice in the browser, and
+# templates/400.html explains the rest.
+DATA_UPLOAD_MAX_NUMBER_FILES = 2 * PHOTOS_PER_PERSONA
 # Face analysis: "dlib" (offline default, ships with pip) or "insightface" with a model pack
 # folder (e.g. buffalo_l; its licence allows non-commercial research only).
 FACE_BACKEND = env_str("FACE_BACKEND", "dlib")

@@ -179,22 +179,29 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
     with tempfile.TemporaryDirectory(prefix="photobooth-preprocess-") as folder:
         summary = write_preprocessed(result, folder)
         archive = shutil.make_archive(str(Path(folder).parent / Path(folder).name), "zip", folder)
+    # New photos get their thumbnail here: a square around the face the checks found. Made before
+    # the transaction, which holds SQLite's write lock.
+    thumbnails = {
+        photo.pk: thumbnail_jpeg(data, face=check.face.box if check.face is not None else None, aspect=1.0)
+        for photo, (_name, data), check in zip(photos, inputs, result.checks)
+        if not photo.thumbnail
+    }
     new_thumbnails = []
     try:
         with transaction.atomic():
-            for photo, (_name, data), decision, check in zip(photos, inputs, summary["photos"], result.checks):
+            for photo, decision, check in zip(photos, summary["photos"], result.checks):
                 photo.status = Photo.Status.ACCEPTED if decision["accepted"] else Photo.Status.REJECTED
                 photo.reason_code = decision["reason"] or ""
                 reference = bool(result.reference and result.reference.name == str(photo.id))
                 photo.analysis = {**decision, "reference": reference, "check": check.to_json()}
-                fields = ["status", "reason_code", "analysis"]
-                if not photo.thumbnail:  # a new photo: its square card shows the face the checks found
-                    face = check.face.box if check.face is not None else None
-                    thumbnail = ContentFile(thumbnail_jpeg(data, face=face, aspect=1.0))
-                    photo.thumbnail.save(f"{uuid.uuid4().hex}.jpg", thumbnail, save=False)
+                photo.save(update_fields=["status", "reason_code", "analysis"])
+                if photo.pk in thumbnails:
+                    photo.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnails[photo.pk]), save=False)
                     new_thumbnails.append(photo.thumbnail)
-                    fields.append("thumbnail")
-                photo.save(update_fields=fields)
+                    # Only where none is set yet: an analysis running beside this one may have set
+                    # it, and a file no row names would outlive "delete my data".
+                    if not Photo.objects.filter(pk=photo.pk, thumbnail="").update(thumbnail=photo.thumbnail.name):
+                        photo.thumbnail.delete(save=False)
             old = persona.preprocessed.name
             with open(archive, "rb") as zipped:
                 persona.preprocessed.save(f"preprocessed-{persona.id}.zip", File(zipped), save=False)
@@ -491,7 +498,7 @@ def album_archive(persona: Persona) -> io.BytesIO:
     """A zip of exactly this persona's portraits, built in memory."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for portrait in persona.portraits.all():
+        for portrait in persona.portraits.select_related("persona", "template"):
             with portrait.image.open("rb") as image:
                 archive.writestr(portrait.file_name, image.read())
     buffer.seek(0)

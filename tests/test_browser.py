@@ -93,7 +93,7 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner, tmp_path):
         page.check("#id_agree")
         page.click("button:has-text('I agree')")
         # One file more than there is room for is refused in the browser, before anything is sent
-        # (past 100 files Django would refuse the request before our form could explain).
+        # (past 40 files Django would refuse the request before our form could explain).
         too_many = [tmp_path / f"{index}.jpg" for index in range(21)]
         for path in too_many:
             path.write_bytes((FACES / "obama_small.jpg").read_bytes())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
 from django.test import Client
@@ -280,6 +281,27 @@ def test_photo_pages_show_small_thumbnails_to_the_owner_only(owner_client, other
     assert owner_client.get(url).status_code == 200
     assert other_client.get(url).status_code == 404
     assert Client().get(url).status_code == 404
+
+
+def test_an_analysis_beside_another_leaves_one_thumbnail_per_photo(owner_client, persona, consented, monkeypatch):
+    """Two analyses of one double (two tabs): the second to store a new photo's thumbnail drops its own."""
+    upload(owner_client, persona, ("obama.jpg", face("obama.jpg")))
+    photo = Photo.objects.get()
+    photo.thumbnail.delete()  # as new to both analyses
+    real_thumbnail, others = services.thumbnail_jpeg, []
+
+    def other_analysis_stores_first(*args, **kwargs):
+        other = Photo.objects.get(pk=photo.pk)
+        other.thumbnail.save("other.jpg", ContentFile(real_thumbnail(*args, **kwargs)))
+        others.append(other.thumbnail.name)
+        return real_thumbnail(*args, **kwargs)
+
+    monkeypatch.setattr(services, "thumbnail_jpeg", other_analysis_stores_first)
+    services.analyse_persona(persona)
+    photo.refresh_from_db()
+    assert photo.thumbnail.name == others[0]
+    photos_folder = [path.name for path in stored_files() if path.parent.name == "photos"]
+    assert sorted(photos_folder) == sorted([Path(photo.image.name).name, Path(others[0]).name])
 
 
 def test_more_photos_or_fewer_analyse_only_new_ones(owner_client, persona, consented, monkeypatch):

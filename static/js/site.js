@@ -23,15 +23,25 @@ document.addEventListener("htmx:wsAfterMessage", followPersonaStatus);
 
 // The album groups portraits by double, each group with its download and delete. A portrait that
 // arrives over the socket shows at once at the top (#album-live); then the album is fetched again,
-// which puts it in its group, and the copies now in a group leave the top.
+// which puts it in its group, and the portraits shown at the top before the fetch leave it (one
+// the album no longer lists was deleted meanwhile). Arrivals during a fetch get one more fetch.
 function regroupAlbum() {
   const live = document.getElementById("album-live");
-  if (!live || !live.children.length || live.dataset.fetching) return;
+  if (!live || !live.children.length) return;
+  if (live.dataset.fetching) {
+    live.dataset.again = "true";
+    return;
+  }
   live.dataset.fetching = "true";
+  const shown = Array.from(live.children);
   htmx.ajax("GET", live.dataset.url, { target: "#album", select: "#album", swap: "outerHTML" }).then(() => {
-    for (const item of Array.from(live.children)) {
-      if (document.querySelector(`#album #${item.id}`)) item.remove();
+    for (const item of shown) item.remove();
+  }).finally(() => {
+    delete live.dataset.fetching;
+    if (live.dataset.again) {
+      delete live.dataset.again;
+      regroupAlbum();
     }
-  }).finally(() => { delete live.dataset.fetching; });
+  });
 }
 document.addEventListener("htmx:wsAfterMessage", regroupAlbum);
