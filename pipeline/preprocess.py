@@ -7,8 +7,8 @@ Steps (EasyPhoto's preprocessing plus an image-quality score and readable refusa
    `background_face_ratio` as wide as the largest; smaller ones are people in the
    background), face_cut_off (more than `max_face_outside` of the face box lies outside the
    photo: half a face trains half a double), face_too_small, too_dark, too_blurry (checked
-   after darkness because a dark face also has little contrast). Score the rest: angle `(90 - |eye-line angle|) / 90`,
-   quality = sharpness x exposure x size scores, each 0..1.
+   after darkness because a dark face also has little contrast). Score the rest: angle
+   `(90 - |eye-line angle|) / 90`, quality = sharpness x exposure x size scores, each 0..1.
 2. Identity: the centre is the mean embedding of the photos close to the medoid (the photo
    nearest to all others), so one stranger's photo cannot pull the centre towards itself as
    it would pull EasyPhoto's plain mean. Photos farther than the backend's same-person
