@@ -168,10 +168,14 @@ FACE_BACKEND = env_str("FACE_BACKEND", "dlib")
 FACE_MODEL_DIR = env_str("FACE_MODEL_DIR", "") or None
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+# redis-py 8 gives every socket a 5 s read timeout, the same as the channel layer's blocking
+# receive (BZPOPMIN, 5 s): a page's socket quiet for 5 s lost its live updates. Reads may take
+# longer than one blocking receive, and a dead Redis is still noticed.
+CHANNEL_LAYER_SOCKET_TIMEOUT_S = 15
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": CHANNEL_LAYER_SOCKET_TIMEOUT_S}]},
     }
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
@@ -82,6 +83,23 @@ def test_socket_gets_own_jobs_on_connect_and_only_own_updates(owner, other_user,
 
         await mine.disconnect()
         await theirs.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_socket_quiet_longer_than_a_blocking_receive_still_gets_updates(owner, owner_client):
+    """A page waits long between updates: its socket outlives the layer's blocking Redis reads."""
+    job = job_for(owner, "Double")
+    quiet_s = get_channel_layer().brpop_timeout + 1.5
+
+    async def scenario():
+        page = socket(owner_client)
+        assert (await page.connect())[0]
+        await page.receive_from()
+        assert await page.receive_nothing(timeout=quiet_s, interval=0.5)
+        await sync_to_async(services.publish_job)(job)
+        assert f'id="job-{job.id}"' in await page.receive_from(timeout=5)
+        await page.disconnect()
 
     async_to_sync(scenario)()
 
