@@ -202,7 +202,10 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
                     # it, and a file no row names would outlive "delete my data".
                     if not Photo.objects.filter(pk=photo.pk, thumbnail="").update(thumbnail=photo.thumbnail.name):
                         photo.thumbnail.delete(save=False)
-            old = persona.preprocessed.name
+            # The stored name, read under a lock after the photos' writes: an analysis beside this
+            # one may have replaced the persona's folder, and a zip no row names would outlive
+            # "delete my data".
+            old = Persona.objects.select_for_update().values_list("preprocessed", flat=True).get(pk=persona.pk)
             with open(archive, "rb") as zipped:
                 persona.preprocessed.save(f"preprocessed-{persona.id}.zip", File(zipped), save=False)
             persona.save(update_fields=["preprocessed"])

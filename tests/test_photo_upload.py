@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from studio import services
-from studio.models import FaceConsent, Photo
+from studio.models import FaceConsent, Persona, Photo
 
 pytestmark = pytest.mark.django_db
 FACES = Path(os.environ.get("PHOTOBOOTH_FACES_DIR", Path(__file__).resolve().parents[2] / "shared" / "faces"))
@@ -302,6 +302,20 @@ def test_an_analysis_beside_another_leaves_one_thumbnail_per_photo(owner_client,
     assert photo.thumbnail.name == others[0]
     photos_folder = [path.name for path in stored_files() if path.parent.name == "photos"]
     assert sorted(photos_folder) == sorted([Path(photo.image.name).name, Path(others[0]).name])
+
+
+def test_an_analysis_beside_another_leaves_one_preprocessed_folder(
+    owner_client, persona, consented, django_capture_on_commit_callbacks
+):
+    """The second analysis to store replaces the first one's zip, which it never read."""
+    upload(owner_client, persona, ("obama.jpg", face("obama.jpg")))
+    stale = Persona.objects.get(pk=persona.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.analyse_persona(Persona.objects.get(pk=persona.pk))  # the other tab's analysis
+        services.analyse_persona(stale)
+    persona.refresh_from_db()
+    zips = [path.name for path in stored_files() if path.suffix == ".zip"]
+    assert zips == [Path(persona.preprocessed.name).name]
 
 
 def test_more_photos_or_fewer_analyse_only_new_ones(owner_client, persona, consented, monkeypatch):
