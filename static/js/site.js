@@ -45,3 +45,51 @@ function regroupAlbum() {
   });
 }
 document.addEventListener("htmx:wsAfterMessage", regroupAlbum);
+
+// A failed htmx request says so in the page's alert line (base.html). A refused form (400) comes
+// back with its errors and is swapped in place as usual; an error page (a 400 Django refused
+// itself, 403, 404, 500) lends its words instead of replacing the panel that asked, and a request
+// that got no answer uses the line's own. The line goes when the person sends a form, or when the
+// URL that failed (a poll) answers again.
+let failedPath = null;
+
+function requestErrorLine() {
+  return document.getElementById("request-error");
+}
+
+function showRequestError(detail, heading, explanation) {
+  const line = requestErrorLine();
+  line.replaceChildren();
+  if (heading) line.append(Object.assign(document.createElement("strong"), { textContent: heading }), " ");
+  line.append(explanation);
+  line.hidden = false;
+  failedPath = detail.pathInfo.requestPath;
+}
+
+function hideRequestError() {
+  requestErrorLine().hidden = true;
+  failedPath = null;
+}
+
+document.addEventListener("htmx:beforeSwap", (event) => {
+  const xhr = event.detail.xhr;
+  if (xhr.status < 400 || !requestErrorLine()) return;
+  const errorPage = new DOMParser().parseFromString(xhr.responseText, "text/html").querySelector("main[data-error-page]");
+  if (xhr.status === 400 && !errorPage) return;
+  event.detail.shouldSwap = false;
+  event.detail.isError = true;
+  if (errorPage) {
+    showRequestError(event.detail, errorPage.querySelector("h1").textContent, errorPage.querySelector("p").textContent);
+  } else {
+    showRequestError(event.detail, "", requestErrorLine().dataset.failed);
+  }
+});
+document.addEventListener("htmx:sendError", (event) => {
+  if (requestErrorLine()) showRequestError(event.detail, "", requestErrorLine().dataset.unreachable);
+});
+document.addEventListener("htmx:beforeRequest", (event) => {
+  if (requestErrorLine() && event.detail.elt.tagName === "FORM") hideRequestError();
+});
+document.addEventListener("htmx:afterRequest", (event) => {
+  if (event.detail.successful && failedPath && event.detail.pathInfo.requestPath === failedPath) hideRequestError();
+});
