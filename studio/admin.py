@@ -15,7 +15,7 @@ class PersonaAdmin(admin.ModelAdmin):
 
 @admin.register(Photo)
 class PhotoAdmin(admin.ModelAdmin):
-    list_display = ["id", "owner", "persona", "status", "reason_code", "created"]
+    list_display = ["id", "owner", "persona", "original_name", "status", "reason_code", "created"]
     list_filter = ["status", "reason_code"]
     raw_id_fields = ["owner", "persona"]
     readonly_fields = ["owner"]

@@ -136,6 +136,8 @@ class Photo(PersonaPart):
     analysis = models.JSONField(_("face analysis"), default=dict, blank=True)
     # Of the stored (cleaned) image: the same file sent again cleans to the same bytes.
     sha256 = models.CharField(_("SHA-256"), max_length=64, blank=True, editable=False)
+    # As the person's device named it: how they tell a refused photo among twenty apart.
+    original_name = models.CharField(_("file name"), max_length=255, blank=True)
 
     class Meta:
         ordering = ["created"]

@@ -137,7 +137,8 @@ def add_photos(persona: Persona, uploads: list[UploadedFile]) -> list[Refusal]:
             refusals.append(Refusal(upload.name, _("This photo is already among this double's photos.")))
             continue
         present.add(digest)
-        photo = Photo(persona=persona, sha256=digest)  # its thumbnail comes with its analysis
+        # Its thumbnail comes with its analysis. Django keeps an upload's name to 255 characters.
+        photo = Photo(persona=persona, sha256=digest, original_name=upload.name or "")
         try:
             photo.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=True)
         except Exception:

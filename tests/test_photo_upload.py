@@ -243,6 +243,9 @@ def test_real_faces_are_analysed_and_explained(owner_client, persona, consented)
     assert sum(photo.analysis["reference"] for photo in photos[:4]) == 1
     assert "4 good photos." in body and "Add 1 more to build your double." in body
     assert "This face does not look like the person in your other photos." in body
+    # Each card names its file: with twenty photos, the refused one is found by its name.
+    assert [photo.original_name for photo in photos] == files
+    assert '<span class="file-name" title="biden.jpg">biden.jpg</span>' in body
     # Scores only beside accepted photos: a refused one's "likeness 0.83" read as nearly a match.
     assert body.count("likeness") == 4
     persona.refresh_from_db()
