@@ -263,6 +263,19 @@ def delete_photo(photo: Photo) -> None:
         return
     _check_photos_can_change(persona)
     photo.delete()
+    _analyse_what_is_left(persona)
+
+
+def delete_refused_photos(persona: Persona) -> None:
+    """Deletes all of a double's refused photos at once: they fill its room of 20 until deleted."""
+    _check_photos_can_change(persona)
+    for photo in persona.photos.filter(status=Photo.Status.REJECTED):
+        photo.delete()
+    _analyse_what_is_left(persona)
+
+
+def _analyse_what_is_left(persona: Persona) -> None:
+    """After photos were deleted: analyses those left, or drops the analysis when none are."""
     if persona.photos.exists():
         analyse_persona(persona)
     elif persona.preprocessed:

@@ -97,6 +97,7 @@ def _persona_page(
         "persona": persona,
         "photos": photos,
         "accepted": accepted,
+        "refused": sum(photo.status == Photo.Status.REJECTED for photo in photos),
         "still_needed": max(0, settings.PHOTOS_NEEDED - accepted),
         "room": settings.PHOTOS_PER_PERSONA - len(photos),
         "has_consent": services.has_face_consent(request.user),
@@ -173,6 +174,19 @@ def photo_delete(request: HttpRequest, photo_id: int) -> HttpResponse:
         return _persona_page(request, persona)
     if persona.status == Persona.Status.READY:
         messages.success(request, _("The original photo is deleted."))
+    return redirect("persona", persona_id=persona.id)
+
+
+@login_required
+@require_POST
+def refused_photos_delete(request: HttpRequest, persona_id: int) -> HttpResponse:
+    persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
+    try:
+        services.delete_refused_photos(persona)
+    except services.NotAllowed as refusal:
+        return _back_to_persona(request, persona, str(refusal))
+    if request.htmx:
+        return _persona_page(request, persona)
     return redirect("persona", persona_id=persona.id)
 
 

@@ -134,6 +134,7 @@ def test_photos_of_a_double_being_built_are_refused_on_its_whole_page(owner_clie
     for send in (
         lambda: upload(owner_client, persona, ("obama2.jpg", face("obama2.jpg")), htmx=htmx, follow=False),
         lambda: owner_client.post(reverse("photo_delete", args=[photo.id]), headers=headers),
+        lambda: owner_client.post(reverse("refused_photos_delete", args=[persona.id]), headers=headers),
     ):
         response = send()
         page = reverse("persona", args=[persona.id])
@@ -267,6 +268,34 @@ def test_deleting_a_photo_removes_its_file_and_reanalyses(
     assert not Photo.objects.filter(id=photo.id).exists()
     assert not (Path(settings.MEDIA_ROOT) / name).exists()
     assert not (Path(settings.MEDIA_ROOT) / thumbnail).exists()
+
+
+def test_refused_photos_are_deleted_at_once_to_make_room(
+    owner_client, persona, consented, django_capture_on_commit_callbacks
+):
+    files = ["obama.jpg", "obama2.jpg", "biden.jpg", "two_people.jpg"]
+    upload(owner_client, persona, *[(name, face(name)) for name in files])
+    page = owner_client.get(reverse("persona", args=[persona.id])).content.decode()
+    assert "Delete the 2 refused photos" in page and 'data-room="16"' in page
+    with django_capture_on_commit_callbacks(execute=True):
+        response = owner_client.post(reverse("refused_photos_delete", args=[persona.id]), headers={"HX-Request": "true"})
+    assert response.status_code == 200
+    panel = response.content.decode()
+    assert 'data-room="18"' in panel and "refused photo" not in panel and "2 good photos." in panel
+    kept = list(persona.photos.all())
+    assert [photo.original_name for photo in kept] == ["obama.jpg", "obama2.jpg"]
+    photo_files = sorted(path.name for path in stored_files() if path.parent.name == "photos")
+    assert photo_files == sorted(Path(name).name for photo in kept for name in (photo.image.name, photo.thumbnail.name))
+
+
+def test_only_the_owner_deletes_refused_photos(owner_client, other_client, persona, consented):
+    upload(owner_client, persona, ("two_people.jpg", face("two_people.jpg")))
+    url = reverse("refused_photos_delete", args=[persona.id])
+    assert other_client.post(url).status_code == 404
+    anonymous = Client().post(url)
+    assert anonymous.status_code == 302 and anonymous.headers["Location"].startswith(reverse("login"))
+    assert persona.photos.get().status == Photo.Status.REJECTED
+    assert owner_client.get(url).status_code == 405
 
 
 def test_photo_pages_show_small_thumbnails_to_the_owner_only(owner_client, other_client, persona, consented):
