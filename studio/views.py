@@ -165,28 +165,29 @@ def _back_to_persona(request: HttpRequest, persona: Persona, refusal: str) -> Ht
 @require_POST
 def photo_delete(request: HttpRequest, photo_id: int) -> HttpResponse:
     photo = get_object_or_404(Photo, id=photo_id, owner=request.user)
-    persona = photo.persona
-    try:
-        services.delete_photo(photo)
-    except services.NotAllowed as refusal:
-        return _back_to_persona(request, persona, str(refusal))
-    if request.htmx:
-        return _persona_page(request, persona)
-    if persona.status == Persona.Status.READY:
-        messages.success(request, _("The original photo is deleted."))
-    return redirect("persona", persona_id=persona.id)
+    # A ready double's page lists its kept originals without htmx: the page says what went.
+    done = _("The original photo is deleted.") if photo.persona.status == Persona.Status.READY else ""
+    return _change_photos(request, photo.persona, lambda: services.delete_photo(photo), done)
 
 
 @login_required
 @require_POST
 def refused_photos_delete(request: HttpRequest, persona_id: int) -> HttpResponse:
     persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
+    return _change_photos(request, persona, lambda: services.delete_refused_photos(persona))
+
+
+def _change_photos(request: HttpRequest, persona: Persona, change: Callable[[], None], done: str = "") -> HttpResponse:
+    """Makes a change to a double's photos; answers with the photo panel (htmx) or the page, or
+    with why the change was refused."""
     try:
-        services.delete_refused_photos(persona)
+        change()
     except services.NotAllowed as refusal:
         return _back_to_persona(request, persona, str(refusal))
     if request.htmx:
         return _persona_page(request, persona)
+    if done:
+        messages.success(request, done)
     return redirect("persona", persona_id=persona.id)
 
 
