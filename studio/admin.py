@@ -1,4 +1,4 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
 from studio import services
 from studio.forms import TemplateForm
@@ -33,7 +33,9 @@ class TemplateAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change) -> None:
         if "image" in form.changed_data:
-            services.add_template(form, uploaded_by=request.user)
+            template = services.add_template(form, uploaded_by=request.user)
+            if note := services.template_faces_note(template):
+                self.message_user(request, note, messages.WARNING)
         else:
             super().save_model(request, obj, form, change)
 

@@ -485,6 +485,15 @@ def thumbnail_jpeg(
     return out.getvalue()
 
 
+def template_faces_note(template: Template) -> str:
+    """For staff adding a template with several people: portraits replace only the largest face."""
+    faces = len(template.face_boxes)
+    if faces < 2:
+        return ""
+    return _("This template shows %(count)d faces. Portraits replace only the largest one; if that is not what "
+             "you want, choose a photo of one person.") % {"count": faces}
+
+
 def add_template(form, uploaded_by: AbstractBaseUser) -> Template:
     """Saves a valid TemplateForm: the re-encoded image, its face boxes and a thumbnail."""
     template = form.save(commit=False)

@@ -315,6 +315,8 @@ def template_new(request: HttpRequest) -> HttpResponse:
     form = TemplateForm(*([request.POST, request.FILES] if request.method == "POST" else []))
     if request.method == "POST" and form.is_valid():
         template = services.add_template(form, uploaded_by=request.user)
+        if note := services.template_faces_note(template):
+            messages.warning(request, note)
         if template.published:
             messages.success(request, _("Template “%(title)s” added.") % {"title": template.title})
         else:

@@ -66,6 +66,15 @@ def test_admin_upload_checks_the_face_too(staff_client):
     assert response.status_code == 302 and Template.objects.get().face_boxes
 
 
+@pytest.mark.parametrize("page", ["template_new", "admin:studio_template_add"])
+def test_staff_are_told_when_a_template_shows_several_faces(staff_client, page):
+    response = staff_client.post(reverse(page), template_post((FACES / "two_people.jpg").read_bytes()), follow=True)
+    assert len(Template.objects.get().face_boxes) == 2
+    assert "This template shows 2 faces. Portraits replace only the largest one" in response.content.decode()
+    response = staff_client.post(reverse(page), template_post((FACES / "biden.jpg").read_bytes()), follow=True)
+    assert "Portraits replace only the largest one" not in response.content.decode()
+
+
 def test_only_staff_reach_the_upload_page(owner_client):
     assert owner_client.get(reverse("template_new")).status_code == 404
     assert Client().get(reverse("template_new")).status_code == 302
