@@ -10,5 +10,4 @@ from django.utils.translation import gettext_noop
 DJANGO_STRINGS_WE_TRANSLATE = (
     gettext_noop(":"),  # the label suffix: "用户名：" takes the full-width colon; Django's has none
     gettext_noop("Enter a valid email address."),  # Django's Chinese: "输入一个有效的 Email 地址。"
-    gettext_noop("Email"),  # Django's "电子邮件" on the reset form, beside our "电子邮箱" at sign-up
 )

@@ -1,5 +1,5 @@
 from django import forms
-from django.contrib.auth.forms import UserCreationForm
+from django.contrib.auth.forms import PasswordResetForm, UserCreationForm
 from django.contrib.auth.models import User
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import gettext, ngettext
@@ -28,6 +28,12 @@ class SignupForm(UserCreationForm):
         error_messages = {
             "username": {"invalid": _("Use only letters of any alphabet, digits and @ . + - _ in your username, no spaces.")}
         }
+
+
+class ResetByEmailForm(PasswordResetForm):
+    """Django's reset form, its field named as the page and the sign-up form name it."""
+
+    email = forms.EmailField(label=_("E-mail"), max_length=254, widget=forms.EmailInput(attrs={"autocomplete": "email"}))
 
 
 class PersonaForm(forms.ModelForm):

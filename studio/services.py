@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import django_rq
 from asgiref.sync import async_to_sync
 from axes.models import AccessAttempt, AccessLog
+from axes.utils import reset as axes_reset
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -529,6 +530,11 @@ def album_archive(persona: Persona) -> io.BytesIO:
                 archive.writestr(portrait.file_name, image.read())
     buffer.seek(0)
     return buffer
+
+
+def lift_login_lockout(user: AbstractBaseUser) -> None:
+    """Forgets the failed logins for this username, from any address: its password was just reset."""
+    axes_reset(username=user.get_username())
 
 
 def delete_all_data(owner: AbstractBaseUser, delete_account: bool) -> None:

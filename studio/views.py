@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login, logout
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.files.storage import default_storage
 from django.db.models import Q
@@ -69,6 +70,24 @@ def signup(request: HttpRequest) -> HttpResponse:
         messages.success(request, _("Welcome, %(name)s. Your account is ready.") % {"name": user.username})
         return redirect("home")
     return render(request, "registration/signup.html", {"form": form})
+
+
+class PasswordResetConfirm(auth_views.PasswordResetConfirmView):
+    """Django's reset, which also lifts a login lockout: the lockout page sends people here."""
+
+    def form_valid(self, form) -> HttpResponse:
+        response = super().form_valid(form)
+        services.lift_login_lockout(form.user)
+        return response
+
+
+class LogOut(auth_views.LogoutView):
+    """Django's logout, saying so on the page it leads to."""
+
+    def post(self, request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        response = super().post(request, *args, **kwargs)
+        messages.info(request, _("You are logged out."))
+        return response
 
 
 def login_locked_out(request: HttpRequest, original_response=None, credentials=None) -> HttpResponse:

@@ -65,7 +65,7 @@ def test_signup_does_not_tell_whether_an_email_has_an_account(client, owner):
     client.post(reverse("logout"))
     client.post(reverse("password_reset"), {"email": "owner@example.com"})
     # A reset reaches both accounts with the address, each mail naming its own.
-    names = sorted(re.search(r"In case you’ve forgotten, you are: (\S+)", m.body).group(1) for m in mail.outbox)
+    names = sorted(re.search(r"your Photobooth account “(\S+)”", m.body).group(1) for m in mail.outbox)
     assert names == ["newperson", "owner"]
 
 
@@ -124,15 +124,43 @@ def test_password_change(owner_client, owner):
     assert owner.check_password(new_password)
 
 
-def test_password_reset_sends_working_link(client, owner):
-    response = client.post(reverse("password_reset"), {"email": "owner@example.com"})
-    assert response.status_code == 302
-    assert len(mail.outbox) == 1
-    link = re.search(r"http://testserver(/accounts/reset/\S+/)", mail.outbox[0].body).group(1)
+def reset_password(client: Client, email: str, new_password: str) -> object:
+    """Asks for a reset, follows the mailed link and sets the new password; the last answer."""
+    assert client.post(reverse("password_reset"), {"email": email}).status_code == 302
+    link = re.search(r"http://testserver(/accounts/reset/\S+/)", mail.outbox[-1].body).group(1)
     form_page = client.get(link, follow=True)
     assert form_page.context["validlink"]
+    return client.post(form_page.redirect_chain[-1][0], {"new_password1": new_password, "new_password2": new_password})
+
+
+def test_password_reset_sends_working_link(client, owner):
     new_password = "a brand new passphrase"
-    response = client.post(form_page.redirect_chain[-1][0], {"new_password1": new_password, "new_password2": new_password})
-    assert response.status_code == 302
+    assert reset_password(client, "owner@example.com", new_password).status_code == 302
+    assert len(mail.outbox) == 1
     owner.refresh_from_db()
     assert owner.check_password(new_password)
+
+
+def test_a_password_reset_lifts_the_login_lockout(client, owner, settings):
+    """The lockout page says "reset your password": after the reset the new password works."""
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        client.post(reverse("login"), {"username": "owner", "password": "wrong password"})
+    assert client.post(reverse("login"), {"username": "owner", "password": PASSWORD}).status_code == 429
+    reset_password(client, "owner@example.com", "a brand new passphrase")
+    response = client.post(reverse("login"), {"username": "owner", "password": "a brand new passphrase"})
+    assert response.status_code == 302 and response["Location"] == reverse("home")
+
+
+def test_the_reset_mail_is_in_the_page_language_and_names_the_site(client, owner):
+    client.post(reverse("password_reset"), {"email": "owner@example.com"}, headers={"accept-language": "zh-CN"})
+    (sent,) = mail.outbox
+    assert sent.subject == "设置新的 Photobooth 写真馆密码"
+    assert "你的 Photobooth 写真馆账户“owner”" in sent.body and "http://testserver/accounts/reset/" in sent.body
+    words = sent.body.replace("Photobooth", "").replace("owner", "")
+    assert not re.search(r"[A-Za-z]{3,}", words.split("http")[0] + words.split("/\n")[-1])  # no English left
+    assert "testserver 团队" not in sent.body
+
+
+def test_logging_out_says_so(owner_client):
+    response = owner_client.post(reverse("logout"), follow=True)
+    assert "You are logged out." in response.content.decode()
