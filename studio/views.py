@@ -295,10 +295,15 @@ def gallery(request: HttpRequest) -> HttpResponse:
     tag = request.GET.get("tag", "").strip()
     shown = Template.objects.all() if request.user.is_staff else Template.objects.filter(published=True)
     templates = shown.filter(tags__iregex=rf"(^|,)\s*{re.escape(tag)}\s*(,|$)") if tag else shown
+    # One link per tag whatever its case ("Formal" and "formal" filter alike), spelt as first seen.
+    tags: dict[str, str] = {}
+    for template in shown:
+        for name in template.tag_list:
+            tags.setdefault(name.casefold(), name)
     context = {
         "templates": templates,
-        "tag": tag,
-        "tags": sorted({t for template in shown for t in template.tag_list}),
+        "tag": tags.get(tag.casefold(), tag),
+        "tags": sorted(tags.values(), key=str.casefold),
         "personas": Persona.objects.filter(owner=request.user, status=Persona.Status.READY),
         "chosen_persona": _id(request.GET.get("persona")),
     }

@@ -69,6 +69,8 @@ def screenshot(page, name: str) -> None:
 def test_sign_up_to_portraits_to_deleting_everything(site, owner, tmp_path):
     assert Path(CHROMIUM).exists(), "the browser test needs Debian's chromium (make test installs it)"
     first, second = demo_templates(owner, 2)  # staff content in the gallery
+    second.title = "Supercalifragilistic" * 6  # one 120-letter word: it must wrap inside its card
+    second.save()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -193,6 +195,7 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner, tmp_path):
         screenshot(page, "2-progress.png")
 
         page.goto(site + "/gallery/")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 420  # no sideways scrolling
         page.check(f"input[name=templates][value='{first.id}']")
         page.check(f"input[name=templates][value='{second.id}']")
         page.click("button:has-text('Make my portraits')")
@@ -202,6 +205,7 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner, tmp_path):
         expect(page.locator(".album-group .portrait")).to_have_count(2)
         expect(page.locator("#album-live .portrait")).to_have_count(0)
         expect(page.locator(".album-group a:has-text('Download all (zip)')")).to_be_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 420
         assert page.evaluate("window.notReloaded") is True
         screenshot(page, "4-album-live.png")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from django.contrib.auth.models import User
@@ -135,6 +136,17 @@ def test_tag_filter_matches_whole_tags(owner_client, owner):
     art.save()
     assert art.title not in owner_client.get(reverse("gallery"), {"tag": "art"}).content.decode()
     assert art.title in owner_client.get(reverse("gallery"), {"tag": "Portrait"}).content.decode()
+
+
+def test_a_tag_in_two_cases_is_one_link_and_marked_current_in_either(owner_client, owner):
+    first, second = demo_templates(owner, 2)
+    first.tags, second.tags = "formal, outdoor", "Formal"
+    first.save(), second.save()
+    for asked in ("formal", "FORMAL"):
+        page = owner_client.get(reverse("gallery"), {"tag": asked}).content.decode()
+        bar = page.split('<nav class="tags">')[1].split("</nav>")[0]
+        links = re.findall(r'<a href="\?tag=(\w+)"( class="current")?>', bar)
+        assert [(name.casefold(), bool(current)) for name, current in links] == [("formal", True), ("outdoor", False)]
 
 
 def test_unpublished_template_files_are_for_staff_only(owner_client, staff_client, owner):
