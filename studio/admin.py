@@ -1,20 +1,49 @@
 from django.contrib import admin, messages
+from django.db import models
+from django.utils.translation import gettext_lazy as _
 
 from studio import services
 from studio.forms import TemplateForm
 from studio.models import FaceConsent, Job, Persona, Photo, Portrait, Template
 
 
+class OwnersFilesAdmin(admin.ModelAdmin):
+    """A person's files are served to them alone (studio.views.media_file): the admin shows their
+    stored names, not links that answer 404, and cannot replace them."""
+
+    def _file_fields(self) -> list[str]:
+        return [field.name for field in self.model._meta.fields if isinstance(field, models.FileField)]
+
+    def get_exclude(self, request, obj=None) -> list[str]:
+        return [*(super().get_exclude(request, obj) or []), *self._file_fields()]
+
+    def get_readonly_fields(self, request, obj=None) -> list[str]:
+        return [*super().get_readonly_fields(request, obj), "stored_files"]
+
+    @admin.display(description=_("stored files"))
+    def stored_files(self, obj: models.Model) -> str:
+        return ", ".join(getattr(obj, name).name for name in self._file_fields() if getattr(obj, name)) or "-"
+
+
+def two_places(value: float | None) -> str:
+    """A score as the site shows it."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 @admin.register(Persona)
-class PersonaAdmin(admin.ModelAdmin):
-    list_display = ["name", "owner", "status", "engine", "identity_score", "created"]
+class PersonaAdmin(OwnersFilesAdmin):
+    list_display = ["name", "owner", "status", "engine", "identity", "created"]
     list_filter = ["status", "engine"]
     search_fields = ["name", "owner__username"]
     raw_id_fields = ["owner"]
 
+    @admin.display(description=_("identity score"), ordering="identity_score")
+    def identity(self, persona: Persona) -> str:
+        return two_places(persona.identity_score)
+
 
 @admin.register(Photo)
-class PhotoAdmin(admin.ModelAdmin):
+class PhotoAdmin(OwnersFilesAdmin):
     list_display = ["id", "owner", "persona", "original_name", "status", "reason_code", "created"]
     list_filter = ["status", "reason_code"]
     raw_id_fields = ["owner", "persona"]
@@ -49,10 +78,14 @@ class JobAdmin(admin.ModelAdmin):
 
 
 @admin.register(Portrait)
-class PortraitAdmin(admin.ModelAdmin):
-    list_display = ["id", "owner", "persona", "template", "identity_similarity", "created"]
+class PortraitAdmin(OwnersFilesAdmin):
+    list_display = ["id", "owner", "persona", "template", "identity", "created"]
     raw_id_fields = ["owner", "persona", "job"]
     readonly_fields = ["owner"]
+
+    @admin.display(description=_("identity similarity"), ordering="identity_similarity")
+    def identity(self, portrait: Portrait) -> str:
+        return two_places(portrait.identity_similarity)
 
 
 @admin.register(FaceConsent)

@@ -123,6 +123,13 @@ class TemplateForm(forms.ModelForm):
     class Meta:
         model = Template
         fields = ["title", "image", "prompt", "negative_prompt", "tags", "published"]
+        # The words studio.uploads uses for the same files, not Django's (whose Chinese says "您").
+        error_messages = {
+            "image": {
+                "invalid_image": _("This file is not a photo we can read, or it is damaged."),
+                "empty": _("This file is empty."),
+            }
+        }
 
     def clean_image(self):
         from studio import services  # services imports this module's models; import when used

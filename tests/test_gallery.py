@@ -58,6 +58,17 @@ def test_template_without_a_face_is_refused_with_the_reason(staff_client):
     assert not Template.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "data", "words"),
+    [("notes.jpg", b"just some text", "这个文件不是我们能读取的照片，或者已经损坏。"), ("empty.jpg", b"", "这个文件是空的。")],
+)
+def test_a_template_that_is_no_image_is_refused_in_the_sites_words(staff_client, name, data, words):
+    post = {**template_post(b""), "image": SimpleUploadedFile(name, data)}
+    response = staff_client.post(reverse("template_new"), post, headers={"accept-language": "zh-CN"})
+    assert response.status_code == 400 and not Template.objects.exists()
+    assert words in response.content.decode() and "您" not in response.content.decode()
+
+
 def test_admin_upload_checks_the_face_too(staff_client):
     blank = io.BytesIO()
     Image.new("RGB", (600, 800), "white").save(blank, "JPEG")
