@@ -11,8 +11,8 @@ DEMO_USERNAME = "demo"
 DEMO_PASSWORD = "photobooth-demo"
 DEMO_TEMPLATES = {
     "official-portrait-1.jpg": ("Official portrait", "formal, studio"),
-    "official-portrait-2.jpg": ("Flag portrait", "formal, studio"),
-    "podium.jpg": ("At the podium", "event"),
+    "official-portrait-2.jpg": ("Oval Office", "formal, studio"),
+    "podium.jpg": ("State room", "event"),
     "astronaut.jpg": ("Astronaut", "space, costume"),
 }
 
