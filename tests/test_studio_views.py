@@ -84,7 +84,8 @@ def test_htmx_get_of_a_double_page_is_its_body_for_the_owner_only(owner_client, 
     body = owner_client.get(url, HTTP_HX_REQUEST="true").content.decode()
     assert "Choose templates" in body and "Before you upload" not in body
     assert other_client.get(url, HTTP_HX_REQUEST="true").status_code == 404
-    assert Client().get(url, HTTP_HX_REQUEST="true").status_code == 302
+    signed_out = Client().get(url, HTTP_HX_REQUEST="true", HTTP_HX_CURRENT_URL=f"http://testserver{url}")
+    assert signed_out.headers["HX-Redirect"] == f"{reverse('login')}?next={url}"  # the whole tab (test_error_pages)
 
 
 def test_unknown_double_is_404(owner_client):
