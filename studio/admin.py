@@ -55,9 +55,9 @@ class TemplateAdmin(admin.ModelAdmin):
     """Uses the staff page's form, so faces are checked and the image re-encoded here too."""
 
     form = TemplateForm
-    list_display = ["title", "tags", "published", "uploaded_by", "created"]
+    list_display = ["title", "title_zh_hans", "tags", "published", "uploaded_by", "created"]
     list_filter = ["published"]
-    search_fields = ["title", "tags"]
+    search_fields = ["title", "title_zh_hans", "tags"]
     readonly_fields = ["face_boxes", "uploaded_by"]
 
     def save_model(self, request, obj, form, change) -> None:

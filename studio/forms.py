@@ -122,7 +122,7 @@ class TemplateForm(forms.ModelForm):
 
     class Meta:
         model = Template
-        fields = ["title", "image", "prompt", "negative_prompt", "tags", "published"]
+        fields = ["title", "title_zh_hans", "image", "prompt", "negative_prompt", "tags", "published"]
         # The words studio.uploads uses for the same files, not Django's (whose Chinese says "您").
         error_messages = {
             "image": {

@@ -13,6 +13,7 @@ from pathlib import PurePosixPath
 
 from django.conf import settings
 from django.db import models
+from django.utils import translation
 from django.utils.text import slugify
 from django.utils.translation import gettext_lazy as _
 
@@ -150,6 +151,10 @@ class Template(models.Model):
     """A portrait style curated by staff; published ones appear in everyone's gallery."""
 
     title = models.CharField(_("title"), max_length=120)
+    title_zh_hans = models.CharField(
+        _("title in Simplified Chinese"), max_length=120, blank=True,
+        help_text=_("Shown on Chinese pages; where it is empty, they show the title above."),
+    )
     image = models.ImageField(_("image"), upload_to=upload_template)
     thumbnail = models.ImageField(_("thumbnail"), upload_to=upload_template, blank=True)
     prompt = models.TextField(
@@ -177,6 +182,13 @@ class Template(models.Model):
         verbose_name_plural = _("templates")
 
     def __str__(self) -> str:
+        return self.title
+
+    @property
+    def shown_title(self) -> str:
+        """The title in the page's language: staff content, so not in the translation catalogue."""
+        if self.title_zh_hans and translation.get_language() == "zh-hans":
+            return self.title_zh_hans
         return self.title
 
     @property

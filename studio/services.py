@@ -502,9 +502,11 @@ def add_template(form, uploaded_by: AbstractBaseUser) -> Template:
     return template
 
 
-def create_template(title: str, tags: str, jpeg: bytes, uploaded_by: AbstractBaseUser) -> Template:
+def create_template(
+    title: str, tags: str, jpeg: bytes, uploaded_by: AbstractBaseUser, title_zh_hans: str = ""
+) -> Template:
     """A published template from an image already known to be clean (the shipped demo ones)."""
-    template = Template(title=title, tags=tags, published=True)
+    template = Template(title=title, title_zh_hans=title_zh_hans, tags=tags, published=True)
     _store_template(template, jpeg, template_face_boxes(jpeg), uploaded_by)
     return template
 

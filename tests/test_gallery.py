@@ -160,6 +160,17 @@ def test_a_tag_in_two_cases_is_one_link_and_marked_current_in_either(owner_clien
         assert [(name.casefold(), bool(current)) for name, current in links] == [("formal", True), ("outdoor", False)]
 
 
+def test_a_template_shows_its_chinese_title_on_chinese_pages(staff_client, owner_client):
+    post = template_post((FACES / "biden.jpg").read_bytes(), title="Oval Office", title_zh_hans="椭圆形办公室")
+    assert staff_client.post(reverse("template_new"), post).status_code == 302
+    staff_client.post(reverse("template_new"), template_post((FACES / "obama.jpg").read_bytes(), title="Only English"))
+    chinese = owner_client.get(reverse("gallery"), headers={"accept-language": "zh-CN"}).content.decode()
+    assert "<span>椭圆形办公室</span>" in chinese and "Oval Office" not in chinese
+    assert "<span>Only English</span>" in chinese  # no Chinese title given: the title
+    english = owner_client.get(reverse("gallery"), headers={"accept-language": "en"}).content.decode()
+    assert "<span>Oval Office</span>" in english and "椭圆形办公室" not in english
+
+
 def test_unpublished_template_files_are_for_staff_only(owner_client, staff_client, owner):
     (draft,) = demo_templates(owner, 1)
     draft.published = False

@@ -9,11 +9,11 @@ from studio.models import Template
 
 DEMO_USERNAME = "demo"
 DEMO_PASSWORD = "photobooth-demo"
-DEMO_TEMPLATES = {
-    "official-portrait-1.jpg": ("Official portrait", "formal, studio"),
-    "official-portrait-2.jpg": ("Oval Office", "formal, studio"),
-    "podium.jpg": ("State room", "event"),
-    "astronaut.jpg": ("Astronaut", "space, costume"),
+DEMO_TEMPLATES = {  # file: (title, title in Simplified Chinese, tags)
+    "official-portrait-1.jpg": ("Official portrait", "正式肖像", "formal, studio"),
+    "official-portrait-2.jpg": ("Oval Office", "椭圆形办公室", "formal, studio"),
+    "podium.jpg": ("State room", "国宴厅", "event"),
+    "astronaut.jpg": ("Astronaut", "宇航员", "space, costume"),
 }
 
 
@@ -28,9 +28,9 @@ class Command(BaseCommand):
         user.is_superuser = True
         user.set_password(DEMO_PASSWORD)
         user.save()
-        for filename, (title, tags) in DEMO_TEMPLATES.items():
+        for filename, (title, title_zh_hans, tags) in DEMO_TEMPLATES.items():
             if not Template.objects.filter(title=title).exists():
                 jpeg = (services.DEMO_TEMPLATES / filename).read_bytes()
-                services.create_template(title, tags, jpeg, uploaded_by=user)
+                services.create_template(title, tags, jpeg, uploaded_by=user, title_zh_hans=title_zh_hans)
                 self.stdout.write(f"Demo template: {title}")
         self.stdout.write(f"Demo staff login: {DEMO_USERNAME} / {DEMO_PASSWORD}")
