@@ -204,15 +204,7 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
                     # it, and a file no row names would outlive "delete my data".
                     if not Photo.objects.filter(pk=photo.pk, thumbnail="").update(thumbnail=photo.thumbnail.name):
                         photo.thumbnail.delete(save=False)
-            # The stored name, read under a lock after the photos' writes: an analysis beside this
-            # one may have replaced the persona's folder, and a zip no row names would outlive
-            # "delete my data".
-            old = Persona.objects.select_for_update().values_list("preprocessed", flat=True).get(pk=persona.pk)
-            with open(archive, "rb") as zipped:
-                persona.preprocessed.save(f"preprocessed-{persona.id}.zip", File(zipped), save=False)
-            persona.save(update_fields=["preprocessed"])
-            if old:
-                transaction.on_commit(lambda: default_storage.delete(old))
+            _replace_preprocessed(persona, archive)  # after the photos' writes, which take SQLite's lock
             # A stopped build of the old photos can never resume now: its checkpoints go.
             transaction.on_commit(lambda: training_folders.discard(persona.pk))
     except Exception:
@@ -221,6 +213,22 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
     finally:
         os.unlink(archive)
     return result
+
+
+def _replace_preprocessed(persona: Persona, archive: str | None) -> None:
+    """Stores the persona's new preprocessed zip (None: no zip) in the running transaction; the one
+    it replaces goes after commit. That one's name is read under a lock, not from `persona`: an
+    analysis beside this one may have stored another, and a zip no row names would outlive
+    "delete my data"."""
+    old = Persona.objects.select_for_update().values_list("preprocessed", flat=True).get(pk=persona.pk)
+    if archive is None:
+        persona.preprocessed = ""
+    else:
+        with open(archive, "rb") as zipped:
+            persona.preprocessed.save(f"preprocessed-{persona.id}.zip", File(zipped), save=False)
+    persona.save(update_fields=["preprocessed"])
+    if old:
+        transaction.on_commit(lambda: default_storage.delete(old))
 
 
 def _stored_cuts(persona: Persona) -> CutOuts | None:
@@ -270,7 +278,10 @@ def delete_photo(photo: Photo) -> None:
 def delete_refused_photos(persona: Persona) -> None:
     """Deletes all of a double's refused photos at once: they fill its room of 20 until deleted."""
     _check_photos_can_change(persona)
-    for photo in persona.photos.filter(status=Photo.Status.REJECTED):
+    refused = list(persona.photos.filter(status=Photo.Status.REJECTED))
+    if not refused:  # a second click, or an older tab: nothing changed, nothing to analyse
+        return
+    for photo in refused:
         photo.delete()
     _analyse_what_is_left(persona)
 
@@ -279,10 +290,10 @@ def _analyse_what_is_left(persona: Persona) -> None:
     """After photos were deleted: analyses those left, or drops the analysis when none are."""
     if persona.photos.exists():
         analyse_persona(persona)
-    elif persona.preprocessed:
-        persona.preprocessed.delete(save=False)
-        persona.save(update_fields=["preprocessed"])
-        training_folders.discard(persona.pk)
+        return
+    with transaction.atomic():
+        _replace_preprocessed(persona, None)
+    training_folders.discard(persona.pk)
 
 
 # --- Jobs: requests, fair dispatch, cancel, recovery -------------------------------------

@@ -350,6 +350,19 @@ def test_an_analysis_beside_another_leaves_one_preprocessed_folder(
     assert zips == [Path(persona.preprocessed.name).name]
 
 
+def test_deleting_the_last_photo_beside_an_analysis_leaves_no_preprocessed_folder(
+    owner_client, persona, consented, django_capture_on_commit_callbacks
+):
+    """The last photo goes through a stale double (another tab analysed since): no zip is left."""
+    upload(owner_client, persona, ("two_people.jpg", face("two_people.jpg")))
+    stale = Persona.objects.get(pk=persona.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.analyse_persona(Persona.objects.get(pk=persona.pk))  # the other tab's analysis
+        services.delete_refused_photos(stale)
+    persona.refresh_from_db()
+    assert not persona.preprocessed and [path for path in stored_files() if path.suffix == ".zip"] == []
+
+
 def test_more_photos_or_fewer_analyse_only_new_ones(owner_client, persona, consented, monkeypatch):
     """What the face checks found is kept per photo: the next upload or delete reuses it."""
     analyzer, analysed = services.face_analyzer(), []
