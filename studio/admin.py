@@ -9,7 +9,11 @@ from studio.models import FaceConsent, Job, Persona, Photo, Portrait, Template
 
 class OwnersFilesAdmin(admin.ModelAdmin):
     """A person's files are served to them alone (studio.views.media_file): the admin shows their
-    stored names, not links that answer 404, and cannot replace them."""
+    stored names, not links that answer 404, and cannot replace them. People make these rows
+    themselves: a row added here would have no file, and break its owner's pages."""
+
+    def has_add_permission(self, request) -> bool:
+        return False
 
     def _file_fields(self) -> list[str]:
         return [field.name for field in self.model._meta.fields if isinstance(field, models.FileField)]
@@ -46,8 +50,7 @@ class PersonaAdmin(OwnersFilesAdmin):
 class PhotoAdmin(OwnersFilesAdmin):
     list_display = ["id", "owner", "persona", "original_name", "status", "reason_code", "created"]
     list_filter = ["status", "reason_code"]
-    raw_id_fields = ["owner", "persona"]
-    readonly_fields = ["owner"]
+    readonly_fields = ["owner", "persona"]  # a photo stays with the double it was given to
 
 
 @admin.register(Template)
@@ -80,8 +83,7 @@ class JobAdmin(admin.ModelAdmin):
 @admin.register(Portrait)
 class PortraitAdmin(OwnersFilesAdmin):
     list_display = ["id", "owner", "persona", "template", "identity", "created"]
-    raw_id_fields = ["owner", "persona", "job"]
-    readonly_fields = ["owner"]
+    readonly_fields = ["owner", "persona", "job"]
 
     @admin.display(description=_("identity similarity"), ordering="identity_similarity")
     def identity(self, portrait: Portrait) -> str:

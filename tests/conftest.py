@@ -73,5 +73,12 @@ def other_client(other_user) -> Client:
 
 
 @pytest.fixture
+def staff_client(db) -> Client:
+    client = Client()
+    client.force_login(User.objects.create_user("staff", "staff@example.com", "x", is_staff=True, is_superuser=True))
+    return client
+
+
+@pytest.fixture
 def persona(owner) -> Persona:
     return Persona.objects.create(owner=owner, name="Me")

@@ -6,7 +6,6 @@ import io
 import re
 
 import pytest
-from django.contrib.auth.models import User
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import reverse
@@ -17,13 +16,6 @@ from studio.models import Job, Persona, Template
 from tests.jobs_fixtures import FACES, demo_templates
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def staff_client(db) -> Client:
-    client = Client()
-    client.force_login(User.objects.create_user("staff", "staff@example.com", "x", is_staff=True, is_superuser=True))
-    return client
 
 
 def template_post(image: bytes, **fields) -> dict:
