@@ -33,7 +33,9 @@ class SignupForm(UserCreationForm):
 class ResetByEmailForm(PasswordResetForm):
     """Django's reset form, its field named as the page and the sign-up form name it."""
 
-    email = forms.EmailField(label=_("E-mail"), max_length=254, widget=forms.EmailInput(attrs={"autocomplete": "email"}))
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["email"].label = _("E-mail")
 
 
 class PersonaForm(forms.ModelForm):

@@ -299,11 +299,11 @@ def gallery(request: HttpRequest) -> HttpResponse:
     tags: dict[str, str] = {}
     for template in shown:
         for name in template.tag_list:
-            tags.setdefault(name.casefold(), name)
+            tags.setdefault(name.lower(), name)  # lower(), as the iregex filter compares
     context = {
         "templates": templates,
-        "tag": tags.get(tag.casefold(), tag),
-        "tags": sorted(tags.values(), key=str.casefold),
+        "tag": tags.get(tag.lower(), tag),
+        "tags": sorted(tags.values(), key=str.lower),
         "personas": Persona.objects.filter(owner=request.user, status=Persona.Status.READY),
         "chosen_persona": _id(request.GET.get("persona")),
     }

@@ -165,12 +165,13 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner, tmp_path):
             tab.fill("#id_password", "a long enough passphrase")
             tab.click("button[type=submit]:has-text('Log in')")
 
-        # Signed out in the other tab: this tab's next upload takes the whole tab to the login page,
+        # Signed out in the other tab: this tab's next delete takes the whole tab to the login page,
         # and back here after logging in.
         other_tab.click("button:has-text('Log out')")
         persona_page = page.url
         page.click("#photos form[action$='/delete/'] button >> nth=0")
         page.wait_for_url("**/accounts/login/**")
+        expect(page.locator(".message[role=status]")).to_contain_text("You were logged out, so that was not done.")
         log_in(page)
         page.wait_for_url(persona_page)
         # Logged out and in again there: this tab's token is stale, and the 403 page's words show.
@@ -179,7 +180,7 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner, tmp_path):
         other_tab.close()
         page.click("#photos form[action$='/delete/'] button >> nth=0")
         expect(page.locator("#request-error")).to_contain_text(
-            "This page is out of date You logged in or out since it opened, perhaps in another tab"
+            "This page is out of date We could not confirm that this came from an up-to-date page of this site"
         )
         expect(page.locator(".counter")).to_contain_text("5 good photos.")
         page.reload()

@@ -28,6 +28,22 @@ def test_signed_out_htmx_request_sends_the_window_to_login_and_back(method, name
     assert response.headers["HX-Redirect"] == f"{reverse('login')}?next={page}"
 
 
+def test_a_signed_out_action_says_on_the_login_page_that_it_was_not_done():
+    client = Client()
+    response = client.post(reverse("photo_delete", args=[1]), headers={"HX-Request": "true"})
+    login_page = client.get(response.headers["HX-Redirect"]).content.decode()
+    assert "You were logged out, so that was not done. Please log in and try again." in login_page
+    poll = client.get(reverse("jobs_panel"), headers={"HX-Request": "true"})
+    assert "logged out" not in client.get(poll.headers["HX-Redirect"]).content.decode()  # a poll did nothing
+
+
+@pytest.mark.parametrize("current", [None, "https://elsewhere.example/personas/1/"])
+def test_without_a_page_of_this_site_to_go_back_to_login_leads_home(current):
+    headers = {"HX-Request": "true", **({"HX-Current-URL": current} if current else {})}
+    response = Client().post(reverse("photo_delete", args=[1]), headers=headers)
+    assert response.headers["HX-Redirect"] == f"{reverse('login')}?next=/"
+
+
 def test_signed_out_plain_request_is_redirected_to_login_as_before():
     response = Client().get(reverse("jobs_panel"))
     assert response.status_code == 302

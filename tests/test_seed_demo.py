@@ -22,6 +22,15 @@ def test_seeds_the_demo_account_and_templates_once(settings):
     assert all(template.published and template.face_boxes for template in Template.objects.all())
 
 
+def test_a_site_seeded_before_gets_the_new_titles_not_copies(settings):
+    settings.DEBUG = True
+    call_command("seed_demo")
+    Template.objects.filter(title="Oval Office").update(title="Flag portrait", title_zh_hans="")
+    call_command("seed_demo")
+    assert Template.objects.count() == 4
+    assert Template.objects.get(title="Oval Office").title_zh_hans == "椭圆形办公室"
+
+
 def test_is_refused_on_a_production_site(settings):
     settings.DEBUG = False
     with pytest.raises(CommandError, match="only runs on a development site"):

@@ -9,6 +9,8 @@ from studio.models import Template
 
 DEMO_USERNAME = "demo"
 DEMO_PASSWORD = "photobooth-demo"
+# Titles demo templates had before (they did not match their pictures): renamed, not seeded again.
+FORMER_TITLES = {"Oval Office": "Flag portrait", "State room": "At the podium"}
 DEMO_TEMPLATES = {  # file: (title, title in Simplified Chinese, tags)
     "official-portrait-1.jpg": ("Official portrait", "正式肖像", "formal, studio"),
     "official-portrait-2.jpg": ("Oval Office", "椭圆形办公室", "formal, studio"),
@@ -29,7 +31,10 @@ class Command(BaseCommand):
         user.set_password(DEMO_PASSWORD)
         user.save()
         for filename, (title, title_zh_hans, tags) in DEMO_TEMPLATES.items():
-            if not Template.objects.filter(title=title).exists():
+            seeded = Template.objects.filter(title__in=[title, FORMER_TITLES.get(title, title)])
+            if seeded.exists():
+                seeded.filter(title_zh_hans="").update(title=title, title_zh_hans=title_zh_hans)
+            else:
                 jpeg = (services.DEMO_TEMPLATES / filename).read_bytes()
                 services.create_template(title, tags, jpeg, uploaded_by=user, title_zh_hans=title_zh_hans)
                 self.stdout.write(f"Demo template: {title}")
