@@ -336,31 +336,23 @@ def test_an_analysis_beside_another_leaves_one_thumbnail_per_photo(owner_client,
     assert sorted(photos_folder) == sorted([Path(photo.image.name).name, Path(others[0]).name])
 
 
-def test_an_analysis_beside_another_leaves_one_preprocessed_folder(
-    owner_client, persona, consented, django_capture_on_commit_callbacks
+@pytest.mark.parametrize(
+    ("name", "act", "zips_left"),
+    [("obama.jpg", services.analyse_persona, 1), ("two_people.jpg", services.delete_refused_photos, 0)],
+)
+def test_a_stale_double_leaves_only_the_stored_preprocessed_folder(
+    owner_client, persona, consented, django_capture_on_commit_callbacks, name, act, zips_left
 ):
-    """The second analysis to store replaces the first one's zip, which it never read."""
-    upload(owner_client, persona, ("obama.jpg", face("obama.jpg")))
+    """Another tab analysed the double since this one was read: analysing it again replaces, and
+    deleting its last photo removes, the stored zip, which the stale double never saw."""
+    upload(owner_client, persona, (name, face(name)))
     stale = Persona.objects.get(pk=persona.pk)
     with django_capture_on_commit_callbacks(execute=True):
         services.analyse_persona(Persona.objects.get(pk=persona.pk))  # the other tab's analysis
-        services.analyse_persona(stale)
+        act(stale)
     persona.refresh_from_db()
     zips = [path.name for path in stored_files() if path.suffix == ".zip"]
-    assert zips == [Path(persona.preprocessed.name).name]
-
-
-def test_deleting_the_last_photo_beside_an_analysis_leaves_no_preprocessed_folder(
-    owner_client, persona, consented, django_capture_on_commit_callbacks
-):
-    """The last photo goes through a stale double (another tab analysed since): no zip is left."""
-    upload(owner_client, persona, ("two_people.jpg", face("two_people.jpg")))
-    stale = Persona.objects.get(pk=persona.pk)
-    with django_capture_on_commit_callbacks(execute=True):
-        services.analyse_persona(Persona.objects.get(pk=persona.pk))  # the other tab's analysis
-        services.delete_refused_photos(stale)
-    persona.refresh_from_db()
-    assert not persona.preprocessed and [path for path in stored_files() if path.suffix == ".zip"] == []
+    assert len(zips) == zips_left and zips == [Path(persona.preprocessed.name).name for _ in range(zips_left)]
 
 
 def test_more_photos_or_fewer_analyse_only_new_ones(owner_client, persona, consented, monkeypatch):
