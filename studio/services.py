@@ -189,6 +189,7 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
         if not photo.thumbnail
     }
     new_thumbnails = []
+    stored_zip = persona.preprocessed.name
     try:
         with transaction.atomic():
             for photo, decision, check in zip(photos, summary["photos"], result.checks):
@@ -205,10 +206,13 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
                     if not Photo.objects.filter(pk=photo.pk, thumbnail="").update(thumbnail=photo.thumbnail.name):
                         photo.thumbnail.delete(save=False)
             _replace_preprocessed(persona, archive)  # after the photos' writes, which take SQLite's lock
-            # A stopped build of the old photos can never resume now: its checkpoints go.
-            transaction.on_commit(lambda: training_folders.discard(persona.pk))
+            # A stopped build of the old photos can never resume now: its checkpoints go. Robust,
+            # like the old zip's delete: past the commit, only what was not committed is undone.
+            transaction.on_commit(lambda: training_folders.discard(persona.pk), robust=True)
     except Exception:
-        _delete_stored(*new_thumbnails)  # their rows were not written
+        # Their rows were not written: the new thumbnails, and the new zip if one was stored.
+        new_zip = [persona.preprocessed] if persona.preprocessed.name != stored_zip else []
+        _delete_stored(*new_thumbnails, *new_zip)
         raise
     finally:
         os.unlink(archive)
@@ -228,7 +232,7 @@ def _replace_preprocessed(persona: Persona, archive: str | None) -> None:
             persona.preprocessed.save(f"preprocessed-{persona.id}.zip", File(zipped), save=False)
     persona.save(update_fields=["preprocessed"])
     if old:
-        transaction.on_commit(lambda: default_storage.delete(old))
+        transaction.on_commit(lambda: default_storage.delete(old), robust=True)
 
 
 def _stored_cuts(persona: Persona) -> CutOuts | None:

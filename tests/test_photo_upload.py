@@ -355,6 +355,25 @@ def test_a_stale_double_leaves_only_the_stored_preprocessed_folder(
     assert len(zips) == zips_left and zips == [Path(persona.preprocessed.name).name for _ in range(zips_left)]
 
 
+def test_an_analysis_that_fails_to_store_leaves_no_new_file(owner_client, persona, consented, monkeypatch):
+    """Its transaction rolls back: the zip and thumbnails it had written go too, the old zip stays."""
+    upload(owner_client, persona, ("obama.jpg", face("obama.jpg")))
+    photo = persona.photos.get()
+    photo.thumbnail.delete()  # new to the next analysis: it will write one
+    before = stored_files()
+    real_save = Persona.save
+
+    def fail_storing_the_zip(self, *args, **kwargs):
+        if kwargs.get("update_fields") == ["preprocessed"]:
+            raise OSError("disk full")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Persona, "save", fail_storing_the_zip)
+    with pytest.raises(OSError):
+        services.analyse_persona(Persona.objects.get(pk=persona.pk))
+    assert stored_files() == before
+
+
 def test_more_photos_or_fewer_analyse_only_new_ones(owner_client, persona, consented, monkeypatch):
     """What the face checks found is kept per photo: the next upload or delete reuses it."""
     analyzer, analysed = services.face_analyzer(), []
