@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -143,6 +144,9 @@ class DlibFaceAnalyzer:
     embedding use the full-resolution photo. The embedding aligns on the 5-point model, as
     dlib's and face_recognition's reference pipeline does (the thresholds were measured so);
     the 5 keypoints come from the 68 points because the 5-point model has no mouth corners.
+
+    One analysis at a time: dlib's detector and predictors keep scratch state per object, and
+    two threads in them at once (two uploads on one web server) crash the whole process.
     """
 
     name = "dlib"
@@ -168,8 +172,13 @@ class DlibFaceAnalyzer:
         self._shape68 = dlib.shape_predictor(str(files["sp68"]))
         self._encoder = dlib.face_recognition_model_v1(str(files["resnet"]))
         self.detect_long_side = detect_long_side
+        self._lock = threading.Lock()
 
     def analyze(self, image: Image.Image) -> list[Face]:
+        with self._lock:
+            return self._analyze(image)
+
+    def _analyze(self, image: Image.Image) -> list[Face]:
         pixels = _rgb_array(image)
         scale = min(1.0, self.detect_long_side / max(image.size))
         small = image

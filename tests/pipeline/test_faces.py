@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,6 +68,46 @@ def test_dlib_thresholds_separate_people_and_copies(faces_of, dlib_analyzer):
     assert distance("obama.jpg", "obama-480p.jpg") < limits.near_duplicate_distance
     assert limits.near_duplicate_distance < distance("obama.jpg", "obama3.jpg") < limits.same_person_distance
     assert distance("obama.jpg", "biden.jpg") > limits.same_person_distance
+
+
+THREADED_ANALYSES = """
+import json, sys, threading
+from pathlib import Path
+from PIL import Image
+from pipeline.faces import load_face_analyzer
+
+analyzer = load_face_analyzer("dlib")
+photos = {name: Image.open(Path(sys.argv[1]) / name).convert("RGB") for name in sys.argv[2:]}
+boxes = {}
+
+def analyse_all(thread):
+    for round in range(2):
+        for name, photo in photos.items():
+            boxes[f"{thread}:{round}:{name}"] = [face.box for face in analyzer.analyze(photo)]
+
+threads = [threading.Thread(target=analyse_all, args=(thread,)) for thread in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(json.dumps(boxes))
+"""
+
+
+def test_dlib_analyses_from_several_threads_at_once(faces_of, faces_dir):
+    """One analyzer serves every request thread of the web server; before its lock, two uploads
+    at once crashed the whole process (segmentation fault), hence a separate process here."""
+    names = ["alex_lacamoire1.jpg", "biden.jpg", "biden2.jpg", "obama-480p.jpg"]
+    child = subprocess.run(
+        [sys.executable, "-c", THREADED_ANALYSES, str(faces_dir), *names],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    boxes = json.loads(child.stdout)
+    expected = {name: [list(face.box) for face in faces_of(name)] for name in names}
+    assert boxes == {
+        f"{thread}:{round}:{name}": expected[name] for thread in range(8) for round in range(2) for name in names
+    }
 
 
 def write_tiny_insightface_pack(folder: Path) -> None:
