@@ -42,6 +42,13 @@ FAILED_OUT_OF_MEMORY = gettext_noop(
     "The graphics card ran out of memory while working on this. Please try again in a few minutes."
 )
 FAILED_UNEXPECTEDLY = gettext_noop("Something went wrong on our side. You can try again; our staff can see what happened.")
+TEMPLATES_GONE = gettext_noop(
+    "The templates you chose were taken out of the gallery before your portraits were made. Please choose others."
+)
+
+
+class CannotRun(Exception):
+    """The job cannot be done as it was asked; the message (marked for translation) tells the person why."""
 
 
 # Failures that say nothing about the job itself: the job goes back in line, MAX_RETRIES times.
@@ -72,6 +79,7 @@ class JobReporter:
         self.job.progress = min(1.0, max(0.0, progress.fraction))
         Job.objects.filter(pk=self.job.pk).update(stage=self.job.stage, progress=self.job.progress)
         if not Job.objects.filter(pk=self.job.pk, cancel_requested=False).exists():
+            self.job.cancel_requested = True  # the pages say it is stopping, not running
             self.cancel.cancel()  # cancelled from the page, or the person deleted their data
         services.publish_job(self.job)
         self.cancel.raise_if_cancelled()
@@ -150,7 +158,10 @@ def run_job(job_id: int, work: Callable[[Job, JobReporter], None]) -> None:
 
 def _fail(job: Job, error: Exception) -> None:
     log.exception("job %s failed", job.pk)
-    message = FAILED_OUT_OF_MEMORY if _is_out_of_memory(error) else FAILED_UNEXPECTEDLY
+    if isinstance(error, CannotRun):
+        message = str(error)
+    else:
+        message = FAILED_OUT_OF_MEMORY if _is_out_of_memory(error) else FAILED_UNEXPECTEDLY
     services.reset_persona_after_stop(job, Persona.Status.FAILED)
     _finish(job, Job.Status.FAILED, error_for_person=message, error_detail=traceback.format_exc())
 
@@ -232,6 +243,9 @@ def _copy_stored(stored, path: Path) -> Path:
 
 
 def _make_portraits(job: Job, report: JobReporter) -> None:
+    templates = list(job.templates.all())
+    if not templates:  # staff deleted them while the job waited
+        raise CannotRun(TEMPLATES_GONE)
     persona = job.persona
     analyzer = services.face_analyzer()
     with TemporaryDirectory(prefix="photobooth-portraits-") as work:
@@ -246,7 +260,6 @@ def _make_portraits(job: Job, report: JobReporter) -> None:
             ))
             engine = services.diffusion_engine()
         subject = load_persona(folder, analyzer)
-        templates = list(job.templates.all())
         batches = [templates[start : start + PORTRAIT_BATCH] for start in range(0, len(templates), PORTRAIT_BATCH)]
         for index, batch in enumerate(batches):
             faces = []

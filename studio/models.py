@@ -8,6 +8,7 @@ second, so another person's object is a 404.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from pathlib import PurePosixPath
 
@@ -214,6 +215,8 @@ class Job(PersonaPart):
 
     kind = models.CharField(_("kind"), max_length=20, choices=Kind.choices)
     templates = models.ManyToManyField(Template, blank=True, verbose_name=_("templates"))
+    # Which templates a portrait job was asked for (Job.templates_key_of); empty for a build.
+    templates_key = models.CharField(_("templates asked for"), max_length=64, blank=True, editable=False)
     status = models.CharField(_("status"), max_length=20, choices=Status.choices, default=Status.QUEUED)
     stage = models.CharField(_("stage"), max_length=40, blank=True)
     progress = models.FloatField(_("progress"), default=0.0)
@@ -234,7 +237,14 @@ class Job(PersonaPart):
         constraints = [
             models.CheckConstraint(
                 condition=models.Q(progress__gte=0.0, progress__lte=1.0), name="job_progress_between_0_and_1"
-            )
+            ),
+            # A request sent twice (a double click) is one job: one build of a double at a time,
+            # and one job per choice of templates until it has run.
+            models.UniqueConstraint(
+                fields=["persona", "kind", "templates_key"],
+                condition=models.Q(status__in=["queued", "running"]),  # Job.ACTIVE
+                name="one_active_job_per_request",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -243,6 +253,10 @@ class Job(PersonaPart):
     @property
     def is_active(self) -> bool:
         return self.status in self.ACTIVE
+
+    @staticmethod
+    def templates_key_of(templates: list[Template]) -> str:
+        return hashlib.sha256(",".join(str(pk) for pk in sorted({t.pk for t in templates})).encode()).hexdigest()
 
 
 class Portrait(PersonaPart):

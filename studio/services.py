@@ -28,7 +28,7 @@ from django.core.files import File
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.template.loader import render_to_string
 from django.utils import timezone, translation
@@ -36,6 +36,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 from PIL import Image
 from rq.job import Job as RQJob
+from rq.job import JobStatus
 
 from pipeline.common import Cancelled, CancelToken, ProgressCallback, gettext_noop
 from pipeline.faces import FaceAnalyzer, largest_face_embeddings, load_face_analyzer
@@ -358,6 +359,8 @@ def request_training(persona: Persona, keep_photos: bool = False) -> Job:
             status=Persona.Status.QUEUED, keep_photos=keep_photos
         )
         if not claimed:
+            if building := Job.objects.filter(persona=persona, kind=Job.Kind.TRAIN, status__in=Job.ACTIVE).first():
+                return building  # asked twice (a double click): the first request stands
             raise NotAllowed(_("This double is already being built or is ready."))
         persona.status, persona.keep_photos = Persona.Status.QUEUED, keep_photos
         job = Job.objects.create(persona=persona, kind=Job.Kind.TRAIN)
@@ -370,11 +373,16 @@ def request_portraits(persona: Persona, templates: list[Template]) -> Job:
         raise NotAllowed(_("This double is not ready yet."))
     if not templates:
         raise NotAllowed(_("Pick at least one template."))
-    with transaction.atomic():
-        job = Job.objects.create(persona=persona, kind=Job.Kind.GENERATE)
-        job.templates.set(templates)
-        transaction.on_commit(dispatch_waiting_jobs, robust=True)  # Redis down: it waits, logged
-    return job
+    key = Job.templates_key_of(templates)
+    try:
+        with transaction.atomic():
+            job = Job.objects.create(persona=persona, kind=Job.Kind.GENERATE, templates_key=key)
+            job.templates.set(templates)
+            transaction.on_commit(dispatch_waiting_jobs, robust=True)  # Redis down: it waits, logged
+        return job
+    except IntegrityError:  # the same request still waiting or running (a double click): it stands
+        asked = Job.objects.filter(persona=persona, kind=Job.Kind.GENERATE, templates_key=key, status__in=Job.ACTIVE)
+        return asked.first() or request_portraits(persona, templates)  # or it ended just now
 
 
 def dispatch_waiting_jobs() -> None:
@@ -383,8 +391,7 @@ def dispatch_waiting_jobs() -> None:
     So one person's ten jobs do not hold back another person's first: the others wait in the
     database and join the back of the queue as that person's previous job ends.
     """
-    connection = django_rq.get_connection("gpu")
-    with connection.lock("photobooth:dispatch", timeout=30, blocking_timeout=30):
+    with _dispatch_lock():
         busy = set(
             Job.objects.filter(status__in=Job.ACTIVE).exclude(rq_job_id="").values_list("owner_id", flat=True)
         )
@@ -397,6 +404,38 @@ def dispatch_waiting_jobs() -> None:
             # Enqueue first: if Redis fails here, the job stays waiting instead of stuck.
             enqueue("gpu", JOB_FUNCTIONS[job.kind], job.id, job_id=rq_job_id, timeout_s=job_timeout_s(job.kind))
             Job.objects.filter(pk=job.pk).update(rq_job_id=rq_job_id)
+
+
+def _dispatch_lock():
+    """Held while jobs are put on the queue, so two processes never give one job two entries."""
+    return django_rq.get_connection("gpu").lock("photobooth:dispatch", timeout=30, blocking_timeout=30)
+
+
+# What RQ says of an entry that will never run its job (gone entirely: fetch_job gives None).
+RQ_ENDED = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+
+
+def requeue_lost_jobs() -> int:
+    """Puts back in line the waiting jobs whose queue entry is gone, then dispatches waiting jobs.
+
+    An entry goes when Redis restarts empty (`make run`'s keeps nothing on disk) or fails when
+    its worker met an error before taking the job; its job would wait forever, and hold back
+    every later job of its owner. Dispatching here too starts jobs asked for while Redis was
+    down on a site where no request or job end would do it. Each worker maintenance round runs
+    this.
+    """
+    queue = django_rq.get_queue("gpu")
+    with _dispatch_lock():
+        lost = [
+            job
+            for job in Job.objects.filter(status=Job.Status.QUEUED).exclude(rq_job_id="")
+            if (entry := queue.fetch_job(job.rq_job_id)) is None or entry.get_status() in RQ_ENDED
+        ]
+        for job in lost:
+            log.warning("job %s lost its queue entry %s; it goes back in line", job.pk, job.rq_job_id)
+            Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED, rq_job_id=job.rq_job_id).update(rq_job_id="")
+    dispatch_waiting_jobs()
+    return len(lost)
 
 
 def cancel_job(job: Job) -> None:

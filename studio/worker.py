@@ -2,9 +2,10 @@
 
 It does not fork (RQ's default forks per job): models loaded by one job stay resident for
 the next, and a parent that touched CUDA never forks a CUDA child. Every maintenance round
-(each `MAINTENANCE_INTERVAL_S`) it also fails jobs whose worker was lost and removes the
-training folders that no build will resume (studio.training_folders) and forgets the fused
-LoRA of a double deleted since its last portraits.
+(each `MAINTENANCE_INTERVAL_S`) it also fails jobs whose worker was lost, puts back in line
+waiting jobs whose queue entry was lost and dispatches waiting jobs, removes the training
+folders that no build will resume (studio.training_folders) and forgets the fused LoRA of a
+double deleted since its last portraits.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class StudioWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
         services.recover_abandoned_jobs()
-        for task in (services.forget_deleted_lora, training_folders.sweep):
+        for task in (services.requeue_lost_jobs, services.forget_deleted_lora, training_folders.sweep):
             try:
                 task()
             except Exception:  # a failing disk or storage must not stop the worker (RQ quits on errors here)

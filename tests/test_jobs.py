@@ -13,12 +13,14 @@ import pytest
 from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import OperationalError
+from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 from PIL import Image
 
+from pipeline.common import Cancelled, Progress
 from studio import jobs, services
 from studio.models import Job, Persona, Photo, Portrait
 from studio.templatetags.studio import job_state
@@ -167,7 +169,7 @@ def test_one_person_at_a_time_on_the_queue(owner, other_user):
     theirs = ready_persona(other_user, "Theirs")
     templates = demo_templates(owner, 1)
     django_rq.get_queue("gpu").empty()  # the finished builds' entries
-    my_jobs = [services.request_portraits(mine, templates) for _ in range(10)]
+    my_jobs = [services.request_portraits(mine, demo_templates(owner, 1)) for _ in range(10)]
     their_job = services.request_portraits(theirs, templates)
     rq_ids = {job.id: Job.objects.get(pk=job.id).rq_job_id for job in [*my_jobs, their_job]}
     assert queued_ids() == [rq_ids[my_jobs[0].id], rq_ids[their_job.id]]
@@ -239,12 +241,81 @@ def test_cancel_view_owner_other_anonymous(owner, owner_client, other_client):
     assert "“Build digital double” is cancelled." in owner_client.get(reverse("home")).content.decode()
 
 
-def test_build_submitted_twice_queues_one_job(owner):
+def test_build_submitted_twice_queues_one_job(owner, owner_client):
     persona = persona_with_photos(owner)
-    services.request_training(persona)
-    with pytest.raises(services.NotAllowed, match="already being built"):
-        services.request_training(Persona.objects.get(pk=persona.pk))
+    build = {"keep_photos": "on"}  # so that it could be asked again once built
+    first = owner_client.post(reverse("persona_build", args=[persona.pk]), build, follow=True)
+    again = owner_client.post(reverse("persona_build", args=[persona.pk]), build, follow=True)  # a double click
     assert Job.objects.filter(persona=persona).count() == 1
+    for response in (first, again):  # the page shown last does not say the person did something wrong
+        assert "already being built" not in response.content.decode()
+    jobs.build_double(Job.objects.get(persona=persona).pk)
+    with pytest.raises(services.NotAllowed, match="already being built or is ready"):
+        services.request_training(Persona.objects.get(pk=persona.pk))
+
+
+def test_portraits_asked_for_twice_are_one_job_until_it_has_run(owner, owner_client):
+    persona = ready_persona(owner)
+    templates = demo_templates(owner, 2)
+    ask = {"persona": persona.pk, "templates": [t.pk for t in templates]}
+    responses = [owner_client.post(reverse("portraits_request"), ask, follow=True) for _ in range(2)]
+    (job,) = Job.objects.filter(persona=persona, kind=Job.Kind.GENERATE)
+    for response in responses:
+        assert "Your portraits are on their way." in response.content.decode()
+    assert services.request_portraits(persona, templates[::-1]) == job  # the same choice in another order
+    other_choice = services.request_portraits(persona, templates[:1])
+    assert other_choice != job
+    jobs.make_portraits(job.pk)
+    assert services.request_portraits(persona, templates) != job  # asked again once done: another take
+
+
+def test_cancelling_a_running_job_says_it_is_stopping(owner, owner_client):
+    job = services.request_training(persona_with_photos(owner))
+    Job.objects.filter(pk=job.pk).update(status="running", started=timezone.now(), heartbeat=timezone.now())
+    reporter = jobs.JobReporter(Job.objects.get(pk=job.pk))  # the worker's copy, from before the cancel
+    answer = owner_client.post(reverse("job_cancel", args=[job.pk]), headers={"HX-Request": "true"}).content.decode()
+    assert "Stopping at its next step…" in answer and "Cancel</button>" not in answer
+    with pytest.raises(Cancelled):
+        reporter(Progress("training", 0.5))
+    assert reporter.job.cancel_requested  # so what the worker publishes says "stopping" too
+    assert "Stopping at its next step…" in owner_client.get(reverse("jobs_panel")).content.decode()
+
+
+def test_a_job_whose_queue_entry_was_lost_goes_back_in_line(owner):
+    persona = ready_persona(owner)
+    first, second = (services.request_portraits(persona, [template]) for template in demo_templates(owner, 2))
+    django_rq.get_connection("gpu").flushdb()  # Redis restarted with nothing kept
+    assert services.requeue_lost_jobs() == 1  # the second one never had an entry: it waits its turn
+    first.refresh_from_db()
+    assert first.rq_job_id and queued_ids() == [first.rq_job_id]
+    assert services.requeue_lost_jobs() == 0
+    jobs.make_portraits(first.pk)
+    second.refresh_from_db()
+    assert Job.objects.get(pk=first.pk).status == "succeeded" and queued_ids()[-1] == second.rq_job_id
+
+
+def test_portraits_of_templates_deleted_meanwhile_fail_in_words(owner, owner_client):
+    persona = ready_persona(owner)
+    job = services.request_portraits(persona, demo_templates(owner, 1))
+    job.templates.all().delete()  # staff deleted it while the job waited (the admin no longer lets them)
+    with pytest.raises(jobs.CannotRun):
+        jobs.make_portraits(job.pk)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_for_person == jobs.TEMPLATES_GONE
+    home = owner_client.get(reverse("home")).content.decode()
+    assert "taken out of the gallery before your portraits were made" in home
+
+
+def test_migration_0009_keys_portrait_jobs_asked_for_before_it(owner):
+    """Two waiting portrait jobs of one double had no key: without one each, the constraint fails."""
+    persona = ready_persona(owner)
+    waiting = [services.request_portraits(persona, [template]) for template in demo_templates(owner, 2)]
+    call_command("migrate", "studio", "0008", verbosity=0)
+    call_command("migrate", "studio", verbosity=0)
+    assert [Job.objects.get(pk=job.pk).templates_key for job in waiting] == [
+        f"before-0009-job-{job.pk}" for job in waiting
+    ]
+    assert Job.objects.get(persona=persona, kind=Job.Kind.TRAIN).templates_key == ""
 
 
 def test_photos_are_fixed_once_the_build_is_queued(owner, owner_client):

@@ -8,6 +8,7 @@ import re
 import signal
 import time
 
+import django_rq
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
@@ -120,8 +121,6 @@ def test_worker_removes_training_folders_no_build_will_resume(workers, settings)
 
 
 def in_process_worker() -> StudioWorker:
-    import django_rq
-
     queues = [django_rq.get_queue("gpu"), django_rq.get_queue("default")]
     return StudioWorker(queues, connection=django_rq.get_connection("gpu"))
 
@@ -151,3 +150,14 @@ def test_a_failing_maintenance_task_does_not_stop_the_others(settings, monkeypat
     (record,) = [r for r in caplog.records if r.name == "studio.worker"]
     assert record.getMessage() == "maintenance task forget_deleted_lora failed; the next round tries again"
     assert "media storage unreachable" in caplog.text
+
+
+def test_each_maintenance_round_starts_jobs_asked_for_while_redis_was_down(owner):
+    persona = ready_persona(owner)
+    (template,) = demo_templates(owner, 1)
+    # What request_portraits leaves when its dispatch finds no Redis: the row, waiting, no entry.
+    job = Job.objects.create(persona=persona, kind=Job.Kind.GENERATE, templates_key=Job.templates_key_of([template]))
+    job.templates.set([template])
+    in_process_worker().run_maintenance_tasks()
+    job.refresh_from_db()
+    assert job.rq_job_id and job.rq_job_id in django_rq.get_queue("gpu").job_ids
