@@ -1,6 +1,7 @@
 from django.contrib import admin, messages
 from django.db import models
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
 from studio import services
 from studio.forms import TemplateForm
@@ -63,9 +64,17 @@ class TemplateAdmin(admin.ModelAdmin):
     search_fields = ["title", "title_zh_hans", "tags"]
     readonly_fields = ["face_boxes", "uploaded_by"]
 
+    def has_delete_permission(self, request, obj=None) -> bool:
+        """Not while a portrait job waits for it or renders it (staff may unpublish it instead):
+        deleted, it would silently leave the person's job without it."""
+        in_use = obj is not None and obj.job_set.filter(status__in=Job.ACTIVE).exists()
+        return super().has_delete_permission(request, obj) and not in_use
+
     def save_model(self, request, obj, form, change) -> None:
         if "image" in form.changed_data:
-            template = services.add_template(form, uploaded_by=request.user)
+            # A new image for an existing template keeps who uploaded it.
+            uploaded_by = obj.uploaded_by if change else request.user
+            template = services.add_template(form, uploaded_by=uploaded_by)
             if note := services.template_faces_note(template):
                 self.message_user(request, note, messages.WARNING)
         else:
@@ -74,10 +83,41 @@ class TemplateAdmin(admin.ModelAdmin):
 
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin):
+    """Staff cancel jobs as the person would (services.cancel_job). A deleted running job would
+    leave its double stuck at "Training" and its worker storing results for a row that is gone,
+    so it cannot be deleted; a waiting one is cancelled first, which frees its double."""
+
     list_display = ["id", "kind", "owner", "persona", "status", "stage", "progress", "created", "finished"]
     list_filter = ["kind", "status"]
     raw_id_fields = ["owner", "persona"]
     readonly_fields = ["owner", "rq_job_id", "error_detail"]
+    actions = ["cancel"]
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        running = obj is not None and obj.status == Job.Status.RUNNING
+        return super().has_delete_permission(request, obj) and not running
+
+    def delete_model(self, request, obj: Job) -> None:
+        self.delete_queryset(request, Job.objects.filter(pk=obj.pk))
+
+    def delete_queryset(self, request, queryset) -> None:
+        for job in queryset.filter(status=Job.Status.QUEUED).select_related("persona"):
+            services.cancel_job(job)
+        super().delete_queryset(request, queryset)
+
+    @admin.action(description=_("Cancel the selected jobs"))
+    def cancel(self, request, queryset) -> None:
+        active = list(queryset.filter(status__in=Job.ACTIVE).select_related("persona"))
+        for job in active:
+            services.cancel_job(job)
+        self.message_user(
+            request,
+            ngettext(
+                "%(count)d job cancelled; a running one stops at its next step.",
+                "%(count)d jobs cancelled; a running one stops at its next step.",
+                len(active),
+            ) % {"count": len(active)},
+        )
 
 
 @admin.register(Portrait)
