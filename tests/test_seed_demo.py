@@ -31,6 +31,14 @@ def test_a_site_seeded_before_gets_the_new_titles_not_copies(settings):
     assert Template.objects.get(title="Oval Office").title_zh_hans == "椭圆形办公室"
 
 
+def test_a_demo_template_staff_deleted_stays_deleted(settings):
+    settings.DEBUG = True
+    call_command("seed_demo")
+    Template.objects.get(title="Astronaut").delete()
+    call_command("seed_demo")  # the next `make run`
+    assert not Template.objects.filter(title="Astronaut").exists() and Template.objects.count() == 3
+
+
 def test_is_refused_on_a_production_site(settings):
     settings.DEBUG = False
     with pytest.raises(CommandError, match="only runs on a development site"):

@@ -20,7 +20,10 @@ DEMO_TEMPLATES = {  # file: (title, title in Simplified Chinese, tags)
 
 
 class Command(BaseCommand):
-    help = "Create (or reset) the demo staff account and the demo templates. Refused when DEBUG is off."
+    help = (
+        "Create (or reset) the demo staff account; seed the demo templates into an empty gallery. "
+        "Refused when DEBUG is off."
+    )
 
     def handle(self, *args, **options) -> None:
         if not settings.DEBUG:
@@ -30,11 +33,13 @@ class Command(BaseCommand):
         user.is_superuser = True
         user.set_password(DEMO_PASSWORD)
         user.save()
+        # Seeded into an empty gallery only: `make run` seeds on every start, and a demo template
+        # that staff deleted must stay deleted.
+        first_seed = not Template.objects.exists()
         for filename, (title, title_zh_hans, tags) in DEMO_TEMPLATES.items():
             seeded = Template.objects.filter(title__in=[title, FORMER_TITLES.get(title, title)])
-            if seeded.exists():
-                seeded.filter(title_zh_hans="").update(title=title, title_zh_hans=title_zh_hans)
-            else:
+            seeded.filter(title_zh_hans="").update(title=title, title_zh_hans=title_zh_hans)
+            if first_seed:
                 jpeg = (services.DEMO_TEMPLATES / filename).read_bytes()
                 services.create_template(title, tags, jpeg, uploaded_by=user, title_zh_hans=title_zh_hans)
                 self.stdout.write(f"Demo template: {title}")
