@@ -137,14 +137,15 @@ def run_job(job_id: int, work: Callable[[Job, JobReporter], None]) -> None:
             # build was still writing into its training folder goes too.
             training_folders.discard(job.persona_id)
             return
-        services.reset_persona_after_stop(job, Persona.Status.CANCELLED)
-        _finish(job, Job.Status.CANCELLED)
+        _stopped(job, Job.Status.CANCELLED, Persona.Status.CANCELLED)
     except TRANSIENT_ERRORS as error:
         if job.attempts >= MAX_RETRIES:
             _fail(job, error)
             raise
+        if not services.retry_job(job):  # cancelled meanwhile: it stops here rather than wait again
+            _stopped(job, Job.Status.CANCELLED, Persona.Status.CANCELLED)
+            return
         log.warning("job %s met a passing failure (%r); it goes back in line", job.pk, error)
-        services.retry_job(job)
         raise  # RQ keeps this attempt's traceback
     except Exception as error:
         _fail(job, error)
@@ -156,14 +157,20 @@ def run_job(job_id: int, work: Callable[[Job, JobReporter], None]) -> None:
         services.dispatch_waiting_jobs()
 
 
+def _stopped(job: Job, status: str, persona_status: str, **fields) -> None:
+    """The job's end first, then its double's: a build asked for once the double can be built
+    again never meets this one still counted as running (the one_active_job_per_request rule)."""
+    _finish(job, status, **fields)
+    services.reset_persona_after_stop(job, persona_status)
+
+
 def _fail(job: Job, error: Exception) -> None:
     log.exception("job %s failed", job.pk)
     if isinstance(error, CannotRun):
         message = str(error)
     else:
         message = FAILED_OUT_OF_MEMORY if _is_out_of_memory(error) else FAILED_UNEXPECTEDLY
-    services.reset_persona_after_stop(job, Persona.Status.FAILED)
-    _finish(job, Job.Status.FAILED, error_for_person=message, error_detail=traceback.format_exc())
+    _stopped(job, Job.Status.FAILED, Persona.Status.FAILED, error_for_person=message, error_detail=traceback.format_exc())
 
 
 def _is_out_of_memory(error: Exception) -> bool:

@@ -239,10 +239,11 @@ class Job(PersonaPart):
                 condition=models.Q(progress__gte=0.0, progress__lte=1.0), name="job_progress_between_0_and_1"
             ),
             # A request sent twice (a double click) is one job: one build of a double at a time,
-            # and one job per choice of templates until it has run.
+            # and one job per choice of templates until it has run. One that is stopping no
+            # longer counts: the same request made again is a new job.
             models.UniqueConstraint(
                 fields=["persona", "kind", "templates_key"],
-                condition=models.Q(status__in=["queued", "running"]),  # Job.ACTIVE
+                condition=models.Q(status__in=["queued", "running"], cancel_requested=False),  # Job.ACTIVE
                 name="one_active_job_per_request",
             ),
         ]

@@ -359,8 +359,11 @@ def request_training(persona: Persona, keep_photos: bool = False) -> Job:
             status=Persona.Status.QUEUED, keep_photos=keep_photos
         )
         if not claimed:
-            if building := Job.objects.filter(persona=persona, kind=Job.Kind.TRAIN, status__in=Job.ACTIVE).first():
+            building = Job.objects.filter(persona=persona, kind=Job.Kind.TRAIN, status__in=Job.ACTIVE).first()
+            if building and not building.cancel_requested:
                 return building  # asked twice (a double click): the first request stands
+            if building:
+                raise NotAllowed(_("The last build of this double is still stopping. Try again in a moment."))
             raise NotAllowed(_("This double is already being built or is ready."))
         persona.status, persona.keep_photos = Persona.Status.QUEUED, keep_photos
         job = Job.objects.create(persona=persona, kind=Job.Kind.TRAIN)
@@ -375,14 +378,22 @@ def request_portraits(persona: Persona, templates: list[Template]) -> Job:
         raise NotAllowed(_("Pick at least one template."))
     key = Job.templates_key_of(templates)
     try:
-        with transaction.atomic():
-            job = Job.objects.create(persona=persona, kind=Job.Kind.GENERATE, templates_key=key)
-            job.templates.set(templates)
-            transaction.on_commit(dispatch_waiting_jobs, robust=True)  # Redis down: it waits, logged
-        return job
-    except IntegrityError:  # the same request still waiting or running (a double click): it stands
-        asked = Job.objects.filter(persona=persona, kind=Job.Kind.GENERATE, templates_key=key, status__in=Job.ACTIVE)
-        return asked.first() or request_portraits(persona, templates)  # or it ended just now
+        return _create_portrait_job(persona, templates, key)
+    except IntegrityError:
+        # The same request, waiting or running (a double click), stands. If it ended in between,
+        # this one is asked once more; any other integrity error comes through.
+        asked = Job.objects.filter(
+            persona=persona, kind=Job.Kind.GENERATE, templates_key=key, status__in=Job.ACTIVE, cancel_requested=False
+        ).first()
+        return asked or _create_portrait_job(persona, templates, key)
+
+
+def _create_portrait_job(persona: Persona, templates: list[Template], key: str) -> Job:
+    with transaction.atomic():
+        job = Job.objects.create(persona=persona, kind=Job.Kind.GENERATE, templates_key=key)
+        job.templates.set(templates)
+        transaction.on_commit(dispatch_waiting_jobs, robust=True)  # Redis down: it waits, logged
+    return job
 
 
 def dispatch_waiting_jobs() -> None:
@@ -429,7 +440,7 @@ def requeue_lost_jobs() -> int:
         lost = [
             job
             for job in Job.objects.filter(status=Job.Status.QUEUED).exclude(rq_job_id="")
-            if (entry := queue.fetch_job(job.rq_job_id)) is None or entry.get_status() in RQ_ENDED
+            if (entry := queue.fetch_job(job.rq_job_id)) is None or entry.get_status(refresh=False) in RQ_ENDED
         ]
         for job in lost:
             log.warning("job %s lost its queue entry %s; it goes back in line", job.pk, job.rq_job_id)
@@ -453,17 +464,21 @@ def cancel_job(job: Job) -> None:
         reset_persona_after_stop(job, Persona.Status.CANCELLED)
         publish_job(job)
         dispatch_waiting_jobs()
-    else:
-        Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(cancel_requested=True)
+    elif Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(cancel_requested=True):
+        job.refresh_from_db()
+        publish_job(job)  # every page of the person's says it is stopping, not only the one that asked
 
 
-def retry_job(job: Job) -> None:
-    """Puts a job that met a passing failure back in line (studio.jobs decides what passes)."""
-    Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(
+def retry_job(job: Job) -> bool:
+    """Puts a job that met a passing failure back in line (studio.jobs decides what passes);
+    False when the person cancelled it meanwhile, so it stops instead."""
+    requeued = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, cancel_requested=False).update(
         status=Job.Status.QUEUED, rq_job_id="", attempts=F("attempts") + 1, progress=0.0, stage=""
     )
-    job.refresh_from_db()
-    publish_job(job)
+    if requeued:
+        job.refresh_from_db()
+        publish_job(job)
+    return bool(requeued)
 
 
 def recover_abandoned_jobs() -> int:
@@ -636,7 +651,7 @@ def _remove_from_queue(jobs) -> None:
     for job in jobs:
         if job.rq_job_id:
             rq_job = queue.fetch_job(job.rq_job_id)
-            if rq_job is not None and rq_job.get_status(refresh=False) != "started":
+            if rq_job is not None and rq_job.get_status(refresh=False) != JobStatus.STARTED:
                 rq_job.delete()
 
 

@@ -19,6 +19,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 from PIL import Image
+from rq.job import JobStatus
 
 from pipeline.common import Cancelled, Progress
 from studio import jobs, services
@@ -269,6 +270,36 @@ def test_portraits_asked_for_twice_are_one_job_until_it_has_run(owner, owner_cli
     assert services.request_portraits(persona, templates) != job  # asked again once done: another take
 
 
+def test_a_request_made_again_while_the_first_is_stopping_is_a_new_one(owner):
+    persona = ready_persona(owner)
+    templates = demo_templates(owner, 1)
+    first = services.request_portraits(persona, templates)
+    Job.objects.filter(pk=first.pk).update(status="running")
+    services.cancel_job(Job.objects.get(pk=first.pk))
+    assert services.request_portraits(persona, templates) != first  # not the job that is stopping
+    other = persona_with_photos(owner, "Other")
+    build = services.request_training(other)
+    Job.objects.filter(pk=build.pk).update(status="running")
+    services.cancel_job(Job.objects.get(pk=build.pk))
+    with pytest.raises(services.NotAllowed, match="still stopping"):
+        services.request_training(Persona.objects.get(pk=other.pk))
+
+
+def test_a_job_cancelled_before_a_passing_failure_stops_instead_of_waiting_again(owner, monkeypatch):
+    persona = persona_with_photos(owner)
+    job = services.request_training(persona)
+
+    def cancelled_then_connection_lost(*args):
+        services.cancel_job(Job.objects.get(pk=job.pk))  # the person cancels while it runs
+        raise redis.exceptions.ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(jobs, "unpack_preprocessed", cancelled_then_connection_lost)
+    jobs.build_double(job.id)
+    job.refresh_from_db()
+    assert (job.status, job.attempts) == ("cancelled", 0)
+    assert Persona.objects.get(pk=persona.pk).status == "cancelled"
+
+
 def test_cancelling_a_running_job_says_it_is_stopping(owner, owner_client):
     job = services.request_training(persona_with_photos(owner))
     Job.objects.filter(pk=job.pk).update(status="running", started=timezone.now(), heartbeat=timezone.now())
@@ -292,6 +323,10 @@ def test_a_job_whose_queue_entry_was_lost_goes_back_in_line(owner):
     jobs.make_portraits(first.pk)
     second.refresh_from_db()
     assert Job.objects.get(pk=first.pk).status == "succeeded" and queued_ids()[-1] == second.rq_job_id
+    # An entry whose run failed before the job was taken (its worker met the database down).
+    django_rq.get_queue("gpu").fetch_job(second.rq_job_id).set_status(JobStatus.FAILED)
+    assert services.requeue_lost_jobs() == 1
+    assert Job.objects.get(pk=second.pk).rq_job_id not in ("", second.rq_job_id)
 
 
 def test_portraits_of_templates_deleted_meanwhile_fail_in_words(owner, owner_client):
