@@ -1,5 +1,5 @@
 from django.contrib import admin, messages
-from django.db import models
+from django.db import models, transaction
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
@@ -101,23 +101,44 @@ class JobAdmin(admin.ModelAdmin):
         self.delete_queryset(request, Job.objects.filter(pk=obj.pk))
 
     def delete_queryset(self, request, queryset) -> None:
-        for job in queryset.filter(status=Job.Status.QUEUED).select_related("persona"):
-            services.cancel_job(job)
-        super().delete_queryset(request, queryset)
+        with transaction.atomic():
+            # Locked (PostgreSQL), so no worker starts one of them between the cancel and the delete.
+            for job in queryset.filter(status__in=Job.ACTIVE).select_for_update(of=("self",)).select_related("persona"):
+                services.cancel_job(job)
+            started = queryset.filter(status=Job.Status.RUNNING).count()  # since the confirmation page
+            queryset.exclude(status=Job.Status.RUNNING).delete()
+        if started:
+            self.message_user(
+                request,
+                ngettext(
+                    "%(count)d job had started, so it was not deleted: it stops at its next step.",
+                    "%(count)d jobs had started, so they were not deleted: they stop at their next step.",
+                    started,
+                ) % {"count": started},
+                messages.WARNING,
+            )
 
     @admin.action(description=_("Cancel the selected jobs"))
     def cancel(self, request, queryset) -> None:
-        active = list(queryset.filter(status__in=Job.ACTIVE).select_related("persona"))
-        for job in active:
+        waiting = list(queryset.filter(status=Job.Status.QUEUED).select_related("persona"))
+        running = list(queryset.filter(status=Job.Status.RUNNING, cancel_requested=False).select_related("persona"))
+        for job in [*waiting, *running]:
             services.cancel_job(job)
-        self.message_user(
-            request,
-            ngettext(
-                "%(count)d job cancelled; a running one stops at its next step.",
-                "%(count)d jobs cancelled; a running one stops at its next step.",
-                len(active),
-            ) % {"count": len(active)},
-        )
+        if waiting or not running:
+            self.message_user(
+                request,
+                ngettext("%(count)d waiting job cancelled.", "%(count)d waiting jobs cancelled.", len(waiting))
+                % {"count": len(waiting)},
+            )
+        if running:
+            self.message_user(
+                request,
+                ngettext(
+                    "%(count)d running job stops at its next step.",
+                    "%(count)d running jobs stop at their next step.",
+                    len(running),
+                ) % {"count": len(running)},
+            )
 
 
 @admin.register(Portrait)

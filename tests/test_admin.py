@@ -4,10 +4,13 @@ jobs cancelled as the person would, never deleted from under a worker."""
 from __future__ import annotations
 
 import pytest
+from django.contrib import admin
+from django.contrib.messages.storage.fallback import FallbackStorage
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
 from studio import services
+from studio.admin import JobAdmin
 from studio.models import Job, Persona, Photo, Portrait, Template
 
 pytestmark = pytest.mark.django_db
@@ -94,11 +97,26 @@ def test_staff_cancel_jobs_as_the_person_would(staff_client, build, persona):
         {"action": "cancel", "_selected_action": [build.pk, running.pk]},
         follow=True,
     )
-    assert "2 jobs cancelled; a running one stops at its next step." in response.content.decode()
+    assert "1 waiting job cancelled." in response.content.decode()
+    assert "1 running job stops at its next step." in response.content.decode()
     build.refresh_from_db()
     persona.refresh_from_db()
     assert (build.status, persona.status) == (Job.Status.CANCELLED, Persona.Status.CANCELLED)
     assert Job.objects.get(pk=running.pk).cancel_requested
+
+
+def test_a_job_that_starts_while_staff_delete_it_is_stopped_not_deleted(staff_client, build, rf):
+    """The admin checks each row's permission again when the deletion is confirmed; a worker may
+    still take the job between that check and the delete."""
+    Job.objects.filter(pk=build.pk).update(status=Job.Status.RUNNING)  # taken since the confirmation page
+    confirmed = {"action": "delete_selected", "_selected_action": [build.pk], "post": "yes"}
+    assert staff_client.post(reverse("admin:studio_job_changelist"), confirmed).status_code == 403
+    request = rf.post("/admin/studio/job/")
+    request.session = {}
+    request._messages = FallbackStorage(request)
+    JobAdmin(Job, admin.site).delete_queryset(request, Job.objects.filter(pk=build.pk))  # just after the check
+    assert Job.objects.get(pk=build.pk).cancel_requested
+    assert [str(m) for m in request._messages] == ["1 job had started, so it was not deleted: it stops at its next step."]
 
 
 def test_a_template_cannot_be_deleted_while_a_job_waits_for_it(staff_client, persona, owner):
