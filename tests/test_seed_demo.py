@@ -37,6 +37,9 @@ def test_a_demo_template_staff_deleted_stays_deleted(settings):
     Template.objects.get(title="Astronaut").delete()
     call_command("seed_demo")  # the next `make run`
     assert not Template.objects.filter(title="Astronaut").exists() and Template.objects.count() == 3
+    Template.objects.all().delete()
+    call_command("seed_demo")
+    assert not Template.objects.exists()
 
 
 def test_is_refused_on_a_production_site(settings):

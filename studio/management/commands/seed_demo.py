@@ -21,25 +21,25 @@ DEMO_TEMPLATES = {  # file: (title, title in Simplified Chinese, tags)
 
 class Command(BaseCommand):
     help = (
-        "Create (or reset) the demo staff account; seed the demo templates into an empty gallery. "
+        "Create (or reset) the demo staff account; seed the demo templates when it creates the account. "
         "Refused when DEBUG is off."
     )
 
     def handle(self, *args, **options) -> None:
         if not settings.DEBUG:
             raise CommandError("seed_demo only runs on a development site (DEBUG=1): it sets a known password.")
-        user, _created = User.objects.get_or_create(username=DEMO_USERNAME, defaults={"email": "demo@localhost"})
+        user, created = User.objects.get_or_create(username=DEMO_USERNAME, defaults={"email": "demo@localhost"})
         user.is_staff = True
         user.is_superuser = True
         user.set_password(DEMO_PASSWORD)
         user.save()
-        # Seeded into an empty gallery only: `make run` seeds on every start, and a demo template
-        # that staff deleted must stay deleted.
-        first_seed = not Template.objects.exists()
+        # The demo templates come with the demo account, on the first start: `make run` seeds on
+        # every start, and a demo template that staff deleted must stay deleted. Earlier ones get
+        # their new titles.
         for filename, (title, title_zh_hans, tags) in DEMO_TEMPLATES.items():
             seeded = Template.objects.filter(title__in=[title, FORMER_TITLES.get(title, title)])
             seeded.filter(title_zh_hans="").update(title=title, title_zh_hans=title_zh_hans)
-            if first_seed:
+            if created:
                 jpeg = (services.DEMO_TEMPLATES / filename).read_bytes()
                 services.create_template(title, tags, jpeg, uploaded_by=user, title_zh_hans=title_zh_hans)
                 self.stdout.write(f"Demo template: {title}")
