@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from rq import SimpleWorker
+from rq.exceptions import StopRequested
 
 from studio import services, training_folders
 
@@ -37,5 +38,7 @@ class StudioWorker(SimpleWorker):
         for task in (services.requeue_lost_jobs, services.forget_deleted_lora, training_folders.sweep):
             try:
                 task()
+            except StopRequested:
+                raise  # SIGTERM arrived during the task: RQ's warm shutdown, which must not be swallowed
             except Exception:  # a failing disk or storage must not stop the worker (RQ quits on errors here)
                 log.exception("maintenance task %s failed; the next round tries again", task.__name__)

@@ -14,6 +14,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 from django.urls import reverse
+from rq.exceptions import StopRequested
 
 from photobooth.asgi import application
 from studio import services
@@ -161,3 +162,15 @@ def test_each_maintenance_round_starts_jobs_asked_for_while_redis_was_down(owner
     in_process_worker().run_maintenance_tasks()
     job.refresh_from_db()
     assert job.rq_job_id and job.rq_job_id in django_rq.get_queue("gpu").job_ids
+
+
+def test_a_stop_asked_for_during_maintenance_stops_the_worker(monkeypatch):
+    """RQ's SIGTERM handler raises StopRequested wherever the worker is; caught as a failing task,
+    it left the worker running after `make run` or a test had stopped it."""
+
+    def sigterm_arrives():
+        raise StopRequested()
+
+    monkeypatch.setattr(services, "requeue_lost_jobs", sigterm_arrives)
+    with pytest.raises(StopRequested):
+        in_process_worker().run_maintenance_tasks()
