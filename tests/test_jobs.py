@@ -63,6 +63,7 @@ def test_keep_my_photos_keeps_them_on_the_ready_page_to_delete_one_by_one(owner,
     assert "Your kept original photos" in page
     photo = persona.photos.first()
     assert reverse("photo_delete", args=[photo.id]) in page
+    assert f'<span class="file-name" title="{photo.original_name}">{photo.original_name}</span>' in page
     persona.refresh_from_db()
     built_from = persona.preprocessed.name
     assert other_client.post(reverse("photo_delete", args=[photo.id])).status_code == 404
