@@ -85,7 +85,9 @@ class Face:
     score: float  # detector confidence: dlib's HOG SVM margin, SCRFD's probability
     keypoints: np.ndarray  # (5, 2) float32, order in the module docstring
     embedding: np.ndarray  # (d,) float32, unit L2 norm
-    landmarks: np.ndarray | None = None  # (68, 2) float32 for dlib; None for insightface
+    # (68, 2) float32, dlib's 68-point layout, from both backends (pipeline.fusion warps by them);
+    # None only in analyses stored before every backend gave them.
+    landmarks: np.ndarray | None = None
 
     @property
     def width(self) -> float:
@@ -120,6 +122,22 @@ def _unit(vector: np.ndarray) -> np.ndarray:
 
 def _rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+# Where dlib's HOG detector puts its box around a face, in units of the distance from the eyes'
+# midpoint to the mouth's, from the mean of the five keypoints: (left, top, right, bottom). The mean
+# over the 16 faces dlib finds in ../shared/faces (spread 0.12-0.18); dlib's 68-point predictor was
+# trained on such boxes, so another detector's face is given one before the predictor runs.
+HOG_BOX_FROM_KEYPOINTS = (-1.2, -1.22, 1.15, 1.11)
+
+
+def hog_box(keypoints: np.ndarray) -> tuple[float, float, float, float]:
+    """The box dlib's detector would give a face with these five keypoints (HOG_BOX_FROM_KEYPOINTS)."""
+    eyes, mouth = keypoints[:2].mean(axis=0), keypoints[3:5].mean(axis=0)
+    unit = float(np.linalg.norm(mouth - eyes))
+    cx, cy = keypoints.mean(axis=0)
+    left, top, right, bottom = HOG_BOX_FROM_KEYPOINTS
+    return (cx + left * unit, cy + top * unit, cx + right * unit, cy + bottom * unit)
 
 
 def face_recognition_models_dir() -> Path:
@@ -227,7 +245,10 @@ class InsightFaceAnalyzer:
     detector; square input >= 112: ArcFace recogniser) and picks ArcFace's input
     normalisation from its first node names (Sub/Mul: normalised inside the graph).
     Only detection and recognition load: the attribute and 3D-landmark models would cost
-    time for nothing we use.
+    time for nothing we use. The 68 landmarks that face fusion warps by come from dlib's 68-point
+    predictor (it ships with pip, in face_recognition_models), run on the box dlib's own detector
+    would give the SCRFD keypoints (`hog_box`): packs differ in whether they carry a dense
+    landmark model (buffalo_l's 2d106det has another layout), and one layout keeps fusion single.
     """
 
     name = "insightface"
@@ -257,18 +278,30 @@ class InsightFaceAnalyzer:
         if not self._app.det_model.use_kps:
             raise ValueError(f"the detector in {folder} gives no keypoints (needs 9 or 15 outputs)")
         self._app.prepare(ctx_id=0, det_size=det_size)
+        import dlib
+
+        self._dlib = dlib
+        self._shape68 = dlib.shape_predictor(str(face_recognition_models_dir() / "shape_predictor_68_face_landmarks.dat"))
+        self._lock = threading.Lock()  # dlib's predictor is not thread-safe (see DlibFaceAnalyzer)
 
     def analyze(self, image: Image.Image) -> list[Face]:
-        bgr = np.ascontiguousarray(_rgb_array(image)[:, :, ::-1])
-        faces = [
-            Face(
-                box=tuple(float(v) for v in found.bbox[:4]),
-                score=float(found.det_score),
-                keypoints=np.asarray(found.kps, dtype=np.float32),
-                embedding=_unit(found.embedding),
+        pixels = _rgb_array(image)
+        bgr = np.ascontiguousarray(pixels[:, :, ::-1])
+        faces = []
+        for found in self._app.get(bgr):
+            keypoints = np.asarray(found.kps, dtype=np.float32)
+            x0, y0, x1, y1 = (round(v) for v in hog_box(keypoints))
+            with self._lock:
+                shape = self._shape68(pixels, self._dlib.rectangle(x0, y0, x1, y1))
+            faces.append(
+                Face(
+                    box=tuple(float(v) for v in found.bbox[:4]),
+                    score=float(found.det_score),
+                    keypoints=keypoints,
+                    embedding=_unit(found.embedding),
+                    landmarks=np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32),
+                )
             )
-            for found in self._app.get(bgr)
-        ]
         return sorted(faces, key=lambda face: face.width * face.height, reverse=True)
 
 

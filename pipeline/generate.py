@@ -3,24 +3,26 @@
 Two engines behind `render_portraits`:
 
 - `classic` (no diffusion; the default when no diffusion weights are configured): crop the template
-  around its face (box x3, 512 px square), fuse the reference face into it (similarity warp by the
-  5 keypoints, colour transfer, Poisson seamless clone), paste back, score identity.
+  around its face (box x3, 512 px square), fuse the reference face into it (pipeline.fusion: a
+  dense warp by the 68 landmarks, the template's skin tone and light, `classic_fusion`'s shares),
+  paste back, score identity.
 - `diffusion`: EasyPhoto's two passes on top of that crop.
-  1. Fusion of the reference face (ratio 0.6): the init image and the source of the canny and
-     colour controls.
+  1. Fusion of the reference face (ratio 0.6, the same pipeline.fusion): the init image and the
+     source of the canny and colour controls (the colour control is the fused image itself at
+     full resolution, EasyPhoto's `blur_ratio=1`).
   2. The best validation face placed on the template by its 5 keypoints (similarity transform):
      the source of the openpose-face control. That control is drawn from landmarks, so the paste
      is done on the landmarks themselves: the best face's landmarks, mapped by the transform, are
      exactly what a detector would find on the pasted image, without a second detection.
-  3. Pass 1 inpaints the face mask (face box and shape, closed, dilated by face width / 10) with
-     the persona LoRA at 0.9 and ControlNets canny 0.50 / colour 0.85 / openpose 0.50, strength
+  3. Pass 1 inpaints the face mask (the face shape lifted up to its estimated hairline, with the
+     box, closed, grown by 0.05 face widths) with the persona LoRA at 0.9 and ControlNets canny 0.50 / colour 0.85 / openpose 0.50, strength
      0.45 of 50 DPM++ 2M SDE Karras steps, CFG 7; then colour transfer toward the template. Both
      passes run their ControlNets in webui's control mode "My prompt is more important"
      (`GenerateConfig.control_mode`), and read prompts in webui's syntax (pipeline.prompts).
   4. A second fusion (0.6).
-  5. Pass 2 inpaints the ring around the face contour plus the mouth (canny 1.0 + tile 1.0,
-     strength 0.30 of 20 steps): it repairs the seams the fusion leaves. It starts from the
-     0.6 blend; its controls are drawn from the full fusion, as in EasyPhoto. Then colour
+  5. Pass 2 inpaints the ring around the face contour plus the eyes and lips (canny 1.0 + tile
+     1.0, strength 0.30 of 20 steps): it repairs the seams the fusion leaves. It starts from the
+     second fusion, and its canny and tile controls are drawn from that same image. Then colour
      transfer of the face toward the template's face (EasyPhoto's "color shift last").
   6. Retouch hook, paste back into the full template, super-resolution hook.
   7. Identity score: cosine between the output face's embedding and the reference face's.
@@ -63,6 +65,19 @@ from PIL import Image
 from pipeline.common import CancelToken, Progress, ProgressCallback, gettext_noop, ignore_progress
 from pipeline.cudagraphs import GraphedForward
 from pipeline.faces import Face, FaceAnalyzer, load_face_analyzer
+from pipeline.fusion import (
+    EYES,
+    OUTER_LIPS,
+    FusionConfig,
+    composite,
+    disk,
+    face_width,
+    feathered,
+    fuse_face,
+    hairline,
+    similarity_transform,
+    transform_points,
+)
 from pipeline.compiling import CompiledForwards, CompiledGroupNorms
 from pipeline.prompts import encode_prompts
 from pipeline.preprocess import PreprocessConfig, crop_around_face, load_photo, no_restoration
@@ -81,10 +96,6 @@ TEMPLATE_REASONS = {
 
 CONTROL_MODES = ("balanced", "prompt", "control")  # GenerateConfig.control_mode
 
-# dlib's 68-point layout: the outer lip.
-MOUTH_LANDMARKS = slice(48, 60)
-
-
 @dataclass(frozen=True)
 class InpaintPass:
     """One diffusion pass: which ControlNets at which scale, how much of the schedule to run."""
@@ -100,15 +111,19 @@ class GenerateConfig:
 
     crop_scale: float = 3.0  # template crop: face box x3
     crop_size: int = 512
-    fusion_ratio: float = 0.6  # diffusion: the passes rebuild identity with the LoRA
-    # Classic has no diffusion after the fusion to bring identity back, so it fuses fully.
-    classic_fusion_ratio: float = 1.0
-    dilate_fraction: float = 0.1  # pass-1 mask grows by face width / 10
+    # Diffusion's fusions (pipeline.fusion): EasyPhoto's rule, eyes 1.0, the template's lips, the
+    # rest 0.6; the passes rebuild identity with the LoRA, and pass 2 repaints the eyes and lips.
+    fusion: FusionConfig = FusionConfig()
+    # Classic has no diffusion after the fusion to bring identity back nor to repaint a mouth, so
+    # it fuses fully, lips too: with the template's lips, doubles were recognised less well
+    # (bench/fusion.py).
+    classic_fusion: FusionConfig = FusionConfig(lips=1.0, rest=1.0)
+    # Sizes below are fractions of the face's width (its jaw's ends, pipeline.fusion.face_width).
+    dilate_fraction: float = 0.05  # pass-1 mask grows by this (EasyPhoto's, up to the hairline)
     edge_fraction: float = 0.06  # pass-2 ring: this fraction of face width either side of the contour
-    feather_fraction: float = 0.03  # composite masks are blurred by this fraction of face width
+    feather_fraction: float = 0.02  # composite masks are blurred by this fraction of face width
     canny_low: int = 100
     canny_high: int = 200
-    color_block: int = 64  # colour control: downscale x64, nearest upscale
     lora_scale: float = 0.9
     # EasyPhoto's DEFAULT_POSITIVE and DEFAULT_NEGATIVE (scripts/easyphoto_config.py), weighted.
     prompt: str = (
@@ -206,7 +221,7 @@ class Persona:
 
     folder: Path
     reference: Image.Image  # reference.png: the most frontal crop
-    reference_keypoints: np.ndarray  # (5, 2) in reference.png pixels
+    reference_face: Face  # its face in reference.png pixels: the fusions warp by its landmarks
     embedding: np.ndarray  # the reference face's identity embedding, unit norm
     caption: str  # the trigger phrase the LoRA was trained with
 
@@ -233,13 +248,23 @@ def load_persona(folder: str | Path, analyzer: FaceAnalyzer) -> Persona:
             "identity embeddings of different backends cannot be compared"
         )
     embedding = next(item["embedding"] for item in record["train"] if item["name"] == reference["name"])
+    image = Image.open(folder / reference["image"]).convert("RGB")
     return Persona(
         folder=folder,
-        reference=Image.open(folder / reference["image"]).convert("RGB"),
-        reference_keypoints=np.asarray(reference["keypoints"], np.float32),
+        reference=image,
+        reference_face=reference_face(image, np.asarray(reference["keypoints"], np.float32), analyzer),
         embedding=np.asarray(embedding, np.float32),
         caption=record["caption"],
     )
+
+
+def reference_face(image: Image.Image, keypoints: np.ndarray, analyzer: FaceAnalyzer) -> Face:
+    """The face of the reference crop that preprocessing chose (its keypoints are recorded), found
+    again for its landmarks, which persona.json does not keep."""
+    faces = analyzer.analyze(image)
+    if not faces:
+        raise ValueError("no face found in the reference photo")
+    return min(faces, key=lambda face: float(np.abs(face.keypoints - keypoints).sum()))
 
 
 # --------------------------------------------------------------------------- geometry and masks
@@ -266,79 +291,39 @@ def crop_template(template: TemplateFaces, config: GenerateConfig) -> TemplateCr
     return TemplateCrop(np.asarray(crop.image), in_crop, (left, top, config.crop_size / scale))
 
 
-def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Least-squares rotation + uniform scale + shift taking `source` points onto `target` (Umeyama); 2x3."""
-    source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
-    source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
-    source_c, target_c = source - source_mean, target - target_mean
-    u, s, vt = np.linalg.svd(target_c.T @ source_c / len(source))
-    d = np.diag([1.0, np.sign(np.linalg.det(u @ vt))])
-    rotation = u @ d @ vt
-    scale = np.trace(np.diag(s) @ d) / source_c.var(axis=0).sum()
-    shift = target_mean - scale * rotation @ source_mean
-    return np.hstack([scale * rotation, shift[:, None]])
-
-
-def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    return (points @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
-
-
 def face_shape(face: Face, size: tuple[int, int]) -> np.ndarray:
-    """The face itself (uint8 0/255, height x width): the hull of the 68 landmarks, or for backends
-    with 5 keypoints only, the ellipse inscribed in the face box."""
+    """The face itself (uint8 0/255, height x width): the hull of its 68 landmarks."""
     mask = np.zeros((size[1], size[0]), np.uint8)
-    if face.landmarks is not None:
-        cv2.fillConvexPoly(mask, cv2.convexHull(np.round(face.landmarks).astype(np.int32)), 255)
-    else:
-        x0, y0, x1, y1 = face.box
-        centre = (round((x0 + x1) / 2), round((y0 + y1) / 2))
-        cv2.ellipse(mask, centre, (round((x1 - x0) / 2), round((y1 - y0) / 2)), 0, 0, 360, 255, -1)
+    cv2.fillConvexPoly(mask, cv2.convexHull(np.round(face.landmarks).astype(np.int32)), 255)
     return mask
 
 
-def _disk(radius: float) -> np.ndarray:
-    side = 2 * max(1, round(radius)) + 1
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
-
-
 def inpaint_mask(face: Face, shape: np.ndarray, config: GenerateConfig) -> np.ndarray:
-    """Pass 1: the face box and shape, closed (no holes between them), dilated by face width / 10."""
+    """Pass 1: the face shape and box, up to the estimated hairline (pipeline.fusion.hairline), closed
+    (no holes between them) and grown by `dilate_fraction` of the face's width (EasyPhoto's 0.05)."""
     mask = shape.copy()
     x0, y0, x1, y1 = (round(v) for v in face.box)
     cv2.rectangle(mask, (x0, y0), (x1, y1), 255, -1)
-    radius = config.dilate_fraction * face.width
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disk(radius))
-    return cv2.dilate(mask, _disk(radius))
+    forehead = np.vstack([face.landmarks[[0, 16]], hairline(face.landmarks)])
+    cv2.fillConvexPoly(mask, cv2.convexHull(np.round(forehead).astype(np.int32)), 255)
+    radius = config.dilate_fraction * face_width(face.landmarks)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, disk(radius))
+    return cv2.dilate(mask, disk(radius))
 
 
 def edge_mask(face: Face, shape: np.ndarray, config: GenerateConfig) -> np.ndarray:
-    """Pass 2: the ring around the face contour plus the mouth."""
-    kernel = _disk(config.edge_fraction * face.width)
+    """Pass 2: the ring around the face contour plus the eyes and the lips (EasyPhoto's)."""
+    kernel = disk(config.edge_fraction * face_width(face.landmarks))
     ring = cv2.subtract(cv2.dilate(shape, kernel), cv2.erode(shape, kernel))
-    mouth = np.zeros_like(shape)
-    if face.landmarks is not None:
-        cv2.fillConvexPoly(mouth, cv2.convexHull(np.round(face.landmarks[MOUTH_LANDMARKS]).astype(np.int32)), 255)
-        mouth = cv2.dilate(mouth, kernel)
-    else:
-        left, right = face.keypoints[3], face.keypoints[4]
-        centre = tuple(int(v) for v in np.round((left + right) / 2))
-        half = float(np.linalg.norm(right - left)) / 2
-        angle = float(np.degrees(np.arctan2(*(right - left)[::-1])))
-        cv2.ellipse(mouth, centre, (round(half * 1.3), round(half * 0.7)), angle, 0, 360, 255, -1)
-    return cv2.max(ring, mouth)
+    features = np.zeros_like(shape)
+    for part in (*EYES, OUTER_LIPS):
+        cv2.fillConvexPoly(features, cv2.convexHull(np.round(face.landmarks[part]).astype(np.int32)), 255)
+    return cv2.max(ring, cv2.dilate(features, kernel))
 
 
-def feathered(mask: np.ndarray, face: Face, config: GenerateConfig) -> np.ndarray:
-    """A 0..1 float mask with soft edges that stays inside the hard mask (no halo outside it)."""
-    sigma = max(0.5, config.feather_fraction * face.width)
-    inner = cv2.erode(mask, _disk(sigma))
-    soft = cv2.GaussianBlur(inner.astype(np.float32) / 255.0, (0, 0), sigma)
-    return np.minimum(soft, mask.astype(np.float32) / 255.0)
-
-
-def composite(base: np.ndarray, overlay: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    out = base.astype(np.float32) * (1.0 - alpha[..., None]) + overlay.astype(np.float32) * alpha[..., None]
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+def soft(mask: np.ndarray, face: Face, config: GenerateConfig) -> np.ndarray:
+    """The mask feathered over `feather_fraction` of the face's width, inside itself."""
+    return feathered(mask, config.feather_fraction * face_width(face.landmarks))
 
 
 # --------------------------------------------------------------------------- colour, fusion, controls
@@ -363,33 +348,15 @@ def recolour_face(image: np.ndarray, template: np.ndarray, shape: np.ndarray, fa
     """The face in `image` recoloured toward the template's own face, inside the face shape
     (EasyPhoto's "color shift last", on by default there): diffusion drifts the skin tone."""
     toned = color_transfer(image, template, shape, shape)
-    return composite(image, toned, feathered(shape, face, config))
+    return composite(image, toned, soft(shape, face, config))
 
 
-def fuse_face(
-    image: np.ndarray, face: Face, shape: np.ndarray, source: Image.Image, source_keypoints: np.ndarray
-) -> np.ndarray:
-    """The source face fused into `image` at `face`: similarity warp by the 5 keypoints, colour
-    transfer to the template's skin, Poisson seamless clone inside the face shape. EasyPhoto
-    blends a ratio of it over the image (`blend`)."""
-    height, width = image.shape[:2]
-    matrix = similarity_transform(source_keypoints, face.keypoints)
-    warped = cv2.warpAffine(
-        np.asarray(source), matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
-    )
-    valid = cv2.warpAffine(np.full(source.size[::-1], 255, np.uint8), matrix, (width, height), flags=cv2.INTER_NEAREST)
-    mask = cv2.bitwise_and(shape, valid)
-    mask[:2, :], mask[-2:, :], mask[:, :2], mask[:, -2:] = 0, 0, 0, 0  # seamlessClone needs a margin
-    if not mask.any():
-        return image.copy()
-    warped = color_transfer(warped, image, mask, mask)
-    x, y, w, h = cv2.boundingRect(mask)
-    return cv2.seamlessClone(warped, image, mask, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
-
-
-def blend(image: np.ndarray, other: np.ndarray, ratio: float) -> np.ndarray:
-    """`ratio` of `other` over `image` everywhere (EasyPhoto's face fusion ratio)."""
-    return composite(image, other, np.full(image.shape[:2], ratio, np.float32))
+def fused_into(crop: TemplateCrop, persona: Persona, config: FusionConfig, image: np.ndarray | None = None):
+    """The persona's reference face fused into the crop's face (pipeline.fusion); `image` replaces
+    the crop's pixels (the diffusion engine's second fusion)."""
+    base = crop.image if image is None else image
+    source = persona.reference_face.landmarks
+    return fuse_face(base, crop.face.landmarks, np.asarray(persona.reference), source, config)
 
 
 def canny_control(image: np.ndarray, config: GenerateConfig) -> np.ndarray:
@@ -398,10 +365,9 @@ def canny_control(image: np.ndarray, config: GenerateConfig) -> np.ndarray:
 
 
 def color_control(image: np.ndarray, config: GenerateConfig) -> np.ndarray:
-    height, width = image.shape[:2]
-    small = (max(1, width // config.color_block), max(1, height // config.color_block))
-    mosaic = cv2.resize(image, small, interpolation=cv2.INTER_CUBIC)
-    return cv2.resize(mosaic, (width, height), interpolation=cv2.INTER_NEAREST)
+    """The colour control: the fused image itself at full resolution (EasyPhoto's `blur_ratio=1`;
+    its first releases used an 8x8 mosaic, which left the ControlNet no face colour to follow)."""
+    return image.copy()
 
 
 def pose_control(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -413,9 +379,8 @@ def pose_control(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def pasted_landmarks(pose_face: Face, target: Face) -> np.ndarray:
-    """The pose face's landmarks (or keypoints) after its similarity paste onto the target face."""
-    points = pose_face.landmarks if pose_face.landmarks is not None else pose_face.keypoints
-    return transform_points(similarity_transform(pose_face.keypoints, target.keypoints), points)
+    """The pose face's landmarks after its similarity paste onto the target face."""
+    return transform_points(similarity_transform(pose_face.keypoints, target.keypoints), pose_face.landmarks)
 
 
 # --------------------------------------------------------------------------- results
@@ -746,13 +711,11 @@ class _Rendered:
 
 def _classic(crop: TemplateCrop, persona: Persona, config: GenerateConfig) -> _Rendered:
     shape = face_shape(crop.face, (config.crop_size, config.crop_size))
-    fused = blend(
-        crop.image,
-        fuse_face(crop.image, crop.face, shape, persona.reference, persona.reference_keypoints),
-        config.classic_fusion_ratio,
-    )
-    paste = cv2.dilate(shape, _disk(config.dilate_fraction * crop.face.width))
-    return _Rendered(fused, {"face": shape, "paste": paste})
+    fused = fused_into(crop, persona, config.classic_fusion)
+    # Pasted back where the fusion may show, grown by the feather so the paste's own soft edge
+    # falls where the fusion's weights are already 0: the rest of the crop is the template resampled.
+    paste = cv2.dilate(fused.mask, disk(config.feather_fraction * face_width(crop.face.landmarks)))
+    return _Rendered(fused.image, {"face": shape, "paste": paste})
 
 
 def _diffusion(
@@ -767,9 +730,7 @@ def _diffusion(
 ) -> list[_Rendered]:
     size = (config.crop_size, config.crop_size)
     shapes = [face_shape(c.face, size) for c in crops]
-    reference, keypoints = persona.reference, persona.reference_keypoints
-    first = [blend(c.image, fuse_face(c.image, c.face, s, reference, keypoints), config.fusion_ratio)
-             for c, s in zip(crops, shapes)]
+    first = [fused_into(c, persona, config.fusion).image for c in crops]
     controls = {
         "canny": [canny_control(f, config) for f in first],
         "color": [color_control(f, config) for f in first],
@@ -783,16 +744,14 @@ def _diffusion(
         engine.pass1, config.pass1, first, masks1, controls, embeds, config,
         lambda f: progress(Progress("pass 1", min(f, 1.0))), cancel,
     )
-    second, fully_fused = [], []
-    for crop, shape, fused, mask, image in zip(crops, shapes, first, masks1, generated):
+    second = []
+    for crop, fused, mask, image in zip(crops, first, masks1, generated):
         toned = color_transfer(image, crop.image, mask, mask)
-        passed = composite(fused, toned, feathered(mask, crop.face, config))
-        full = fuse_face(passed, crop.face, shape, reference, keypoints)
-        fully_fused.append(full)
-        second.append(blend(passed, full, config.fusion_ratio))
+        passed = composite(fused, toned, soft(mask, crop.face, config))
+        second.append(fused_into(crop, persona, config.fusion, image=passed).image)
     masks2 = [edge_mask(c.face, s, config) for c, s in zip(crops, shapes)]
-    # As in EasyPhoto, pass 2 starts from the blend but is guided by the full fusion.
-    controls = {"canny": [canny_control(f, config) for f in fully_fused], "tile": fully_fused}
+    # As in EasyPhoto, pass 2 starts from the second fusion and is guided by it.
+    controls = {"canny": [canny_control(f, config) for f in second], "tile": second}
     cancel.raise_if_cancelled()
     progress(Progress("pass 2", 0.0))
     refined = inpaint(
@@ -801,7 +760,7 @@ def _diffusion(
     )
     return [
         _Rendered(
-            recolour_face(composite(s, r, feathered(m2, c.face, config)), c.image, shape, c.face, config),
+            recolour_face(composite(s, r, soft(m2, c.face, config)), c.image, shape, c.face, config),
             {"face": shape, "paste": m1, "inpaint": m1, "edge": m2},
         )
         for c, shape, s, r, m1, m2 in zip(crops, shapes, second, refined, masks1, masks2)
@@ -849,7 +808,7 @@ def render_portraits(
     for index, (template, crop, done) in enumerate(zip(templates, crops, rendered)):
         cancel.raise_if_cancelled()
         face_crop = retouch(Image.fromarray(done.crop))
-        alpha = feathered(done.masks["paste"], crop.face, config)
+        alpha = soft(done.masks["paste"], crop.face, config)
         image = upscale(paste_back(template.image, np.asarray(face_crop), crop.window, alpha))
         results.append(
             PortraitResult(

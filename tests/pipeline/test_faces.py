@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from pipeline.faces import Face, InsightFaceAnalyzer, load_face_analyzer
+from pipeline.faces import Face, InsightFaceAnalyzer, hog_box, load_face_analyzer
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,30 @@ def test_insightface_backend_loads_a_pack_through_face_analysis(tmp_path, face_p
     assert len(faces) == 1
     assert_face_record(faces[0], image, 512)
     assert faces[0].score == pytest.approx(0.9)
-    assert faces[0].landmarks is None
+    # Dense landmarks for fusion, from dlib's predictor on the box dlib would give these keypoints:
+    # on this tiny pack's made-up face the predictor's mean shape lands around its keypoints.
+    landmarks = faces[0].landmarks
+    assert landmarks.shape == (68, 2) and landmarks.dtype == np.float32
+    eyes = np.stack([landmarks[36:42].mean(axis=0), landmarks[42:48].mean(axis=0)])
+    x0, _, x1, _ = hog_box(faces[0].keypoints)
+    assert np.linalg.norm(eyes - faces[0].keypoints[:2], axis=1).max() < 0.25 * (x1 - x0)
+
+
+@pytest.mark.parametrize("name", ["obama.jpg", "biden.jpg", "alex-lacamoire.png", "lin-manuel-miranda.png"])
+def test_landmarks_from_keypoints_alone_match_dlibs_own(name, faces_of, face_photo, dlib_analyzer):
+    """What the insightface backend does for its landmarks (the predictor on `hog_box` of the
+    detector's keypoints) gives, on real faces, the landmarks dlib's own detector box gives."""
+    face = faces_of(name)[0]
+    box = hog_box(face.keypoints)
+    x0, y0, x1, y1 = face.box
+    overlap = max(0, min(x1, box[2]) - max(x0, box[0])) * max(0, min(y1, box[3]) - max(y0, box[1]))
+    union = (x1 - x0) * (y1 - y0) + (box[2] - box[0]) * (box[3] - box[1]) - overlap
+    assert overlap / union > 0.75
+    pixels = np.asarray(face_photo(name))
+    shape = dlib_analyzer._shape68(pixels, dlib_analyzer._dlib.rectangle(*(round(v) for v in box)))
+    landmarks = np.array([(p.x, p.y) for p in shape.parts()], np.float32)
+    error = np.linalg.norm(landmarks - face.landmarks, axis=1).mean()
+    assert error < 0.03 * np.linalg.norm(face.landmarks[16] - face.landmarks[0])
 
 
 def test_load_face_analyzer_refuses_bad_requests(tmp_path):

@@ -237,16 +237,12 @@ def test_diffusion_runs_both_passes_in_one_batch_with_the_configured_controlnets
     # Each pass encodes each template's init image once (one generator each), and no masked image.
     assert diffusion_run["vae_encodes"] == [1, 1] * 2
     assert sum(kind == "openpose" for kind, *_ in diffusion_run["net_calls"]) == int(8 * 0.45)
-    # Pass 2 starts from the 0.6 blend of the second fusion; its tile control is the full fusion:
-    # the same image away from the face, and inside it further from the pass-1 result. The canny
-    # control is drawn from the full fusion too.
+    # Pass 2 starts from the second fusion (EasyPhoto's blend rule at 0.6) and is guided by that
+    # same image: its tile control is the start image, and its canny control is drawn from it.
     _, second = calls[1]
-    for index, result in enumerate(diffusion_run["results"]):
+    for index in range(len(diffusion_run["results"])):
         tile, init = second["control_image"][1][index] * 255, np.asarray(second["image"][index]).astype(np.float32)
-        face = np.asarray(result.masks.face) > 127
-        near = cv2.dilate(face.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0  # the clone's seam
-        assert np.abs(tile - init)[~near].max() <= 1.0  # rounding of the blend
-        assert np.abs(tile - init)[face].mean() > 1.0
+        assert np.abs(tile - init).max() <= 0.5
         canny = second["control_image"][0][index]
         assert np.array_equal(canny > 0.5, canny_control(np.round(tile).astype(np.uint8), TINY) > 127)
     stages = [r.stage for r in diffusion_run["reports"]]
