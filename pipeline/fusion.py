@@ -62,8 +62,9 @@ class FusionConfig:
     eyes: float = 1.0
     lips: float = 0.0
     rest: float = 0.6
-    rule_blur_px: float = 8.0  # at a 512-px crop; scaled with the crop
-    rule_blur_at: int = 512
+    # The rule's regions are grown and blurred by this: EasyPhoto's 8 px at its 512-px crop, where
+    # a face (box x3) is about 160 px wide.
+    rule_blur: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -225,17 +226,16 @@ def match_tone(
 
 def blend_rule(fused: np.ndarray, template: np.ndarray, mask: np.ndarray, config: FusionConfig) -> np.ndarray:
     """The fusion's share per pixel (0..1): EasyPhoto's rule (the eyes where the fusion put them,
-    the lips where either face has them, the rest), blurred, then feathered to 0 at the mask's
-    edge and kept inside it."""
-    size = (mask.shape[1], mask.shape[0])
+    the lips where either face has them, the rest), grown and blurred so each region keeps its
+    share all over, then feathered to 0 at the mask's edge and kept inside it."""
+    blur = max(0.5, config.rule_blur * face_width(template))
     weights = np.full(mask.shape, config.rest, np.float32)
     for parts, share in (((fused[EYES[0]], fused[EYES[1]]), config.eyes), ((fused[MOUTH], template[MOUTH]), config.lips)):
         region = np.zeros(mask.shape, np.uint8)
         for points in parts:
             cv2.fillConvexPoly(region, cv2.convexHull(np.round(points).astype(np.int32)), 255)
-        weights[region > 0] = share
-    blur = config.rule_blur_px * max(size) / config.rule_blur_at
-    weights = cv2.GaussianBlur(weights, (0, 0), max(0.5, blur))
+        weights[cv2.dilate(region, disk(blur)) > 0] = share
+    weights = cv2.GaussianBlur(weights, (0, 0), blur / 2)  # 2 sigma = the grown margin: each region keeps its share
     return weights * feathered(mask, config.feather * face_width(template))
 
 
