@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,22 @@ INSIGHTFACE_THRESHOLDS = FaceThresholds(
     good_sharpness=200.0,
     min_brightness=50.0,
 )
+
+
+THRESHOLDS = {"dlib": DLIB_THRESHOLDS, "insightface": INSIGHTFACE_THRESHOLDS}
+
+# The likeness a person sees: 0-100, LIKENESS_AT_LIMIT where the backend's same-person limit is,
+# falling by as much again for each further limit's worth of distance (100 at distance 0, 0 at
+# 2.5 limits). A raw cosine means different things per backend (two strangers score about 0.9
+# with dlib, 0.1 with ArcFace); this reads the same for both.
+LIKENESS_AT_LIMIT = 60.0
+
+
+def likeness(similarity: float, thresholds: FaceThresholds) -> float:
+    """The cosine similarity of two unit embeddings as the 0-100 likeness shown to people."""
+    distance = math.sqrt(max(0.0, 2.0 - 2.0 * similarity))
+    score = 100.0 - (100.0 - LIKENESS_AT_LIMIT) * distance / thresholds.same_person_distance
+    return min(100.0, max(0.0, score))
 
 
 @dataclass(frozen=True, eq=False)

@@ -64,7 +64,7 @@ from PIL import Image
 
 from pipeline.common import CancelToken, Progress, ProgressCallback, gettext_noop, ignore_progress
 from pipeline.cudagraphs import GraphedForward
-from pipeline.faces import Face, FaceAnalyzer, load_face_analyzer
+from pipeline.faces import Face, FaceAnalyzer, likeness, load_face_analyzer
 from pipeline.fusion import (
     EYES,
     OUTER_LIPS,
@@ -79,7 +79,7 @@ from pipeline.fusion import (
     transform_points,
 )
 from pipeline.compiling import CompiledForwards, CompiledGroupNorms
-from pipeline.prompts import encode_prompts
+from pipeline.prompts import EASYPHOTO_NEGATIVE, EASYPHOTO_POSITIVE, encode_prompts
 from pipeline.preprocess import PreprocessConfig, crop_around_face, load_photo, no_restoration
 
 if TYPE_CHECKING:
@@ -125,17 +125,8 @@ class GenerateConfig:
     canny_low: int = 100
     canny_high: int = 200
     lora_scale: float = 0.9
-    # EasyPhoto's DEFAULT_POSITIVE and DEFAULT_NEGATIVE (scripts/easyphoto_config.py), weighted.
-    prompt: str = (
-        "(cloth:1.5), (best quality), (realistic, photo-realistic:1.3), (detailed skin:1.3), (rough skin:1.3), "
-        "(beautiful eyes:1.3)"
-    )
-    negative_prompt: str = (
-        "(bags under the eyes:1.5), (bags under eyes:1.5), (earrings:1.3), (glasses:1.2), (naked:1.5), (nsfw:1.5), "
-        "nude, breasts, penis, cum, (over red lips: 1.3), (bad lips: 1.3), (bad ears:1.3), (bad hair: 1.3), "
-        "(bad teeth: 1.3), (worst quality:2), (low quality:2), (normal quality:2), lowres, watermark, badhand, "
-        "lowres, bad anatomy, bad hands, normal quality, mural"
-    )
+    prompt: str = EASYPHOTO_POSITIVE
+    negative_prompt: str = EASYPHOTO_NEGATIVE
     guidance_scale: float = 7.0
     # sd-webui-controlnet's control mode. EasyPhoto sets "My prompt is more important" on every
     # unit ("to better control lips and eyes"): each ControlNet's 13 residuals are scaled from 0.1
@@ -865,6 +856,7 @@ def run(args: argparse.Namespace) -> dict:
         "out": str(args.out),
         "engine": result.engine,
         "identity_score": None if result.identity_score is None else round(result.identity_score, 4),
+        "likeness": None if result.identity_score is None else round(likeness(result.identity_score, analyzer.thresholds)),
         "template_faces": template.boxes,
         "seconds": round(time.perf_counter() - started, 3),
     }

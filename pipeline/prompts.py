@@ -25,6 +25,21 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+# EasyPhoto's DEFAULT_POSITIVE and DEFAULT_NEGATIVE (scripts/easyphoto_config.py, as of its
+# cloth and scene LoRA releases): the portraits' default words, and the negative of validation.
+EASYPHOTO_POSITIVE = (
+    "(cloth:1.5), (best quality), (realistic, photo-realistic:1.3), (detailed skin:1.3), (rough skin:1.3), "
+    "(beautiful eyes:1.3), (sparkling eyes:1.3), (beautiful mouth:1.3), finely detail, light smile, "
+    "extremely detailed CG unity 8k wallpaper, huge filesize, best quality, realistic, photo-realistic, "
+    "ultra high res, raw photo, put on makeup"
+)
+EASYPHOTO_NEGATIVE = (
+    "(bags under the eyes:1.5), (bags under eyes:1.5), (earrings:1.3), (glasses:1.2), (naked:1.5), (nsfw:1.5), "
+    "nude, breasts, penis, cum, (over red lips: 1.3), (bad lips: 1.3), (bad ears:1.3), (bad hair: 1.3), "
+    "(bad teeth: 1.3), (worst quality:2), (low quality:2), (normal quality:2), lowres, watermark, badhand, "
+    "lowres, bad anatomy, bad hands, normal quality, mural"
+)
+
 EMPHASIS = 1.1  # what one pair of round brackets multiplies by
 CHUNK_TOKENS = 75  # CLIP's 77 positions less the start and end tokens
 COMMA_BACKTRACK = 20  # a full chunk moves the words after its last comma this near the end on

@@ -78,6 +78,7 @@ from pipeline.common import CancelToken, Progress, ProgressCallback, ignore_prog
 from pipeline.cudagraphs import GraphedForward
 from pipeline.faces import largest_face_embeddings, load_face_analyzer
 from pipeline.compiling import CompiledGroupNorms
+from pipeline.prompts import EASYPHOTO_NEGATIVE, encode_prompts
 
 if TYPE_CHECKING:
     import argparse
@@ -116,6 +117,8 @@ class TrainConfig:
     validation_steps: int = 20
     validation_strength: float = 0.65
     validation_guidance: float = 9.0
+    validation_negative_prompt: str = EASYPHOTO_NEGATIVE  # in webui's syntax (pipeline.prompts)
+    validation_mask_scale: float = 1.3  # the inpainted face: its box grown x1.3 about its centre, as EasyPhoto
     fusion_top_k: int = 10
     lora_dtype: str = "float16"  # of the saved files
     cuda_graph: bool = True  # replay the training step as a CUDA graph (CUDA only)
@@ -192,8 +195,11 @@ def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def face_crop(template: ValidationTemplate, resolution: int) -> tuple[Image.Image, Image.Image]:
-    """The template framed like a training crop (face box x3, square) and the face mask in it."""
+def face_crop(
+    template: ValidationTemplate, resolution: int, mask_scale: float = 1.0
+) -> tuple[Image.Image, Image.Image]:
+    """The template framed like a training crop (face box x3, square) and the face mask in it: the
+    face box grown `mask_scale` times about its centre."""
     x0, y0, x1, y1 = template.face_box
     width, height = template.image.size
     side = min(3 * max(x1 - x0, y1 - y0), width, height)
@@ -203,7 +209,8 @@ def face_crop(template: ValidationTemplate, resolution: int) -> tuple[Image.Imag
     crop = crop.resize((resolution, resolution), Image.BICUBIC)
     scale = resolution / side
     mask = Image.new("L", (resolution, resolution), 0)
-    box = [(x0 - left) * scale, (y0 - top) * scale, (x1 - left) * scale, (y1 - top) * scale]
+    grow_x, grow_y = (mask_scale - 1) * (x1 - x0) / 2, (mask_scale - 1) * (y1 - y0) / 2
+    box = [(x0 - grow_x - left) * scale, (y0 - grow_y - top) * scale, (x1 + grow_x - left) * scale, (y1 + grow_y - top) * scale]
     ImageDraw.Draw(mask).rectangle(box, fill=255)
     return crop, mask
 
@@ -536,9 +543,15 @@ class Validator:
         try:
             for layer in self.layers:
                 layer.merge(adapter_names=[ADAPTER])
+            # Encoded with the LoRA merged (it trains the text encoder too), in webui's syntax.
+            embeds = encode_prompts(
+                self.pipe.tokenizer, self.pipe.text_encoder, [config.caption, config.validation_negative_prompt],
+                self.pipe.device,
+            )
             with self.graphed.installed() if self.graphed else nullcontext():
                 return self.pipe(
-                    prompt=[config.caption] * len(crops),
+                    prompt_embeds=embeds[:1].expand(len(crops), -1, -1),
+                    negative_prompt_embeds=embeds[1:].expand(len(crops), -1, -1),
                     image=[c for c, _ in crops],
                     mask_image=[m for _, m in crops],
                     masked_image_latents=self.unread_masked_latents(len(crops)),
@@ -832,7 +845,7 @@ def train_persona(
     since = clock.started
     progress(Progress("caching", 0.0, "encoding photos"))
     reference = embedder(photos)
-    crops = [face_crop(t, resolution) for t in templates]
+    crops = [face_crop(t, resolution, config.validation_mask_scale) for t in templates]
     latents = cache_latents(models.vae, photos, resolution, config.random_flip)
     input_ids = caption_ids(models, config.caption)
     schedule = NoiseSchedule.from_scheduler(models.scheduler, device)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from pipeline.__main__ import main
 from pipeline.common import CancelToken, Cancelled
 from pipeline.models import load_models
+from pipeline.prompts import encode_prompts
 from pipeline.tinykit import pixel_embedder
 from pipeline.train import (
     LORA_FILE,
@@ -170,15 +171,29 @@ def test_a_finished_run_resumes_to_fusion_only(trained, models, photos, tmp_path
         train_persona(models, photos, out, pixel_embedder, centred_templates(photos[:2]), replace(CONFIG, max_steps=6))
 
 
+def test_validation_inpaints_the_face_box_grown_by_a_third(photos):
+    """EasyPhoto's validation mask: the face box x1.3 about its centre (x1.3 a side, x1.69 the area)."""
+    template = centred_templates(photos[:1])[0]
+    _, plain = face_crop(template, 64)
+    _, grown = face_crop(template, 64, CONFIG.validation_mask_scale)
+    assert CONFIG.validation_mask_scale == TrainConfig().validation_mask_scale == 1.3
+    plain_area, grown_area = (np.asarray(plain) > 127).sum(), (np.asarray(grown) > 127).sum()
+    assert grown_area == pytest.approx(1.69 * plain_area, rel=0.1)
+
+
 def test_validation_merges_the_lora_and_restores_the_base_weights_exactly(models, photos):
     crops = [face_crop(t, 64) for t in centred_templates(photos[:2])]
     base = {name: model.state_dict() for name, model in (("unet", models.unet), ("text", models.text_encoder))}
     base = {name: {k: v.clone() for k, v in state.items()} for name, state in base.items()}
 
     def pipeline_call(pipe) -> list[np.ndarray]:
-        """The validation call made directly: LoRA layers, if any, run as separate layers."""
+        """The validation call made directly: LoRA layers, if any, run as separate layers; the caption
+        and EasyPhoto's negative prompt, read in webui's syntax."""
+        texts = [CONFIG.caption, CONFIG.validation_negative_prompt]
+        embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, texts, pipe.device)
         images = pipe(
-            prompt=[CONFIG.caption] * 2, image=[c for c, _ in crops], mask_image=[m for _, m in crops],
+            prompt_embeds=embeds[:1].expand(2, -1, -1), negative_prompt_embeds=embeds[1:].expand(2, -1, -1),
+            image=[c for c, _ in crops], mask_image=[m for _, m in crops],
             height=64, width=64, strength=CONFIG.validation_strength, num_inference_steps=CONFIG.validation_steps,
             guidance_scale=CONFIG.validation_guidance, generator=torch.Generator().manual_seed(CONFIG.seed),
         ).images
