@@ -86,6 +86,15 @@ DATABASES = {
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not memory: tests start real worker processes that share the test database.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
+    # Bursts of uploads (5 people x 20 photos at once) answered 500 "database is locked": a
+    # transaction that read first could not take the write lock when another writer held it,
+    # and SQLite fails such an upgrade at once instead of waiting. IMMEDIATE takes the write lock
+    # at BEGIN, where the busy timeout waits for it; WAL lets readers go on beside the writer.
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTHENTICATION_BACKENDS = [

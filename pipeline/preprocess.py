@@ -2,7 +2,8 @@
 
 Steps (EasyPhoto's preprocessing plus an image-quality score and readable refusals):
 
-1. Per photo: decode (JPEG, PNG, HEIC...), `ImageOps.exif_transpose`, detect faces.
+1. Per photo: decode (JPEG, PNG, HEIC...; a bounded number of progressive scans), upright
+   by EXIF orientation when it can be read, detect faces.
    Refuse with a reason code: not_an_image, no_face, multiple_faces (a second face at least
    `background_face_ratio` as wide as the largest; smaller ones are people in the
    background), face_cut_off (more than `max_face_outside` of the face box lies outside the
@@ -289,18 +290,65 @@ def grabcut_onto_white(image: Image.Image, face_box: tuple[float, float, float, 
     return Image.fromarray(out.round().astype(np.uint8))
 
 
-def load_photo(data: Image.Image | bytes) -> Image.Image | None:
-    """Decode and upright a photo as RGB (transparency onto white); None if unreadable."""
+# Decoding a progressive JPEG costs about 1 ns of CPU per pixel for each of its scans (libjpeg-turbo
+# 3 on a 2-core machine: 16 MP x 1,000 scans took 16 s, 9 MP x 2,000 scans 15 s), so a few hundred
+# kilobytes of near-empty scans (a "scan bomb") held the decoder for half a minute. Encoders write
+# 6 (grey) or 10 (colour) scans, optimisers rarely 20. With these limits the costliest JPEG the
+# site accepts, 50 MP in 12 scans, took 1.8 s to check and store, most of it the 1.7 s any 50 MP
+# photo takes; a bomb is refused in a millisecond, before decoding.
+MAX_JPEG_SCANS = 100
+MAX_JPEG_SCAN_PIXELS = 600_000_000  # scans x pixels
+
+
+def too_costly_to_decode(data: bytes, image: Image.Image) -> bool:
+    """Whether `image`, opened from `data` and not yet decoded, holds more progressive scans than
+    the decoding budget allows (MAX_JPEG_SCANS, MAX_JPEG_SCAN_PIXELS).
+
+    The scans are counted as the file's start-of-scan markers (FF DA), not by walking its
+    segments: one pass in C whatever the file holds, where a Python loop over a million tiny
+    segments would itself cost seconds. Inside compressed data FF is only ever followed by 00 or
+    a marker, so no scan is missed; metadata bytes or an MPO's second picture can only add to
+    the count (two scans in 64 KB of random bytes): at worst an odd photo is refused, never a
+    bomb decoded.
+    """
+    if image.format not in ("JPEG", "MPO"):
+        return False
+    scans = data.count(b"\xff\xda")
+    return scans > MAX_JPEG_SCANS or scans * image.width * image.height > MAX_JPEG_SCAN_PIXELS
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The decoded image turned by its EXIF orientation, or as it is when that cannot be read.
+
+    Metadata is advisory: cameras and editors write malformed EXIF (a bad TIFF header raises
+    SyntaxError, a junk PNG "Raw profile type exif" chunk ValueError, a cut directory
+    struct.error...), and the pixels are good all the same.
+    """
     try:
-        image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
-        image = ImageOps.exif_transpose(image)
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        return image
+
+
+def load_photo(data: Image.Image | bytes) -> Image.Image | None:
+    """Decode and upright a photo as RGB (transparency onto white); None if unreadable or too
+    costly to decode. An MPO (multi-picture JPEG) gives its first picture."""
+    try:
+        if isinstance(data, Image.Image):
+            image = data
+        else:
+            image = Image.open(io.BytesIO(data))
+            if too_costly_to_decode(data, image):
+                return None
+        image.load()
+        image = upright(image)
         if image.mode in ("RGBA", "LA", "P", "PA"):
             image = image.convert("RGBA")
             flat = Image.new("RGB", image.size, (255, 255, 255))
             flat.paste(image, mask=image.getchannel("A"))
             return flat
         return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
         return None
 
 

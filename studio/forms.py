@@ -103,6 +103,18 @@ class PhotoUploadForm(forms.Form):
             )
         return photos
 
+    def photo_names(self) -> list[str]:
+        """Each photo's name on the person's device, for display only.
+
+        upload.js sends the files under short safe names, since Django's multipart parser refuses
+        a whole request for one long file name (500 Chinese characters) and drops a file whose
+        name is unprintable, and sends their own names in `names`, one per file. Without those,
+        the names the files came with.
+        """
+        photos = self.cleaned_data["photos"]
+        sent = self.data.getlist("names")
+        return sent if len(sent) == len(photos) else [photo.name or "" for photo in photos]
+
 
 class SentenceLabels(forms.Form):
     """Checkbox labels here are whole sentences: no ":" after them ("我同意…。:" read badly)."""

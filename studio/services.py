@@ -46,7 +46,7 @@ from pipeline.preprocess import CutOuts, PhotoCheck, PreprocessResult, preproces
 from pipeline.train import TrainConfig, ValidationTemplate, read_preprocessed, train_persona
 from studio import training_folders
 from studio.models import FaceConsent, Job, Persona, Photo, Portrait, Template, owner_folder
-from studio.uploads import Refusal, RefusedFile, clean_photo
+from studio.uploads import Refusal, RefusedFile, clean_photo, display_name
 
 log = logging.getLogger(__name__)
 
@@ -120,42 +120,97 @@ def face_analyzer() -> FaceAnalyzer:
     return load_face_analyzer(settings.FACE_BACKEND, settings.FACE_MODEL_DIR)
 
 
-def add_photos(persona: Persona, uploads: list[UploadedFile]) -> list[Refusal]:
-    """Stores every upload that passes the file checks, then re-runs the persona's analysis.
+def add_photos(persona: Persona, uploads: list[UploadedFile], names: Sequence[str] | None = None) -> list[Refusal]:
+    """Stores every upload that passes the file checks, then analyses the persona's photos.
 
-    A refused file leaves no file and no row; the refusals come back for the page to show.
+    Every file gets its own verdict: one that cannot be decoded or analysed is refused alone, by
+    its name (`names`, the files' names on the person's device; their upload names by default),
+    and leaves no file and no row; the rest are kept. Whatever fails, no photo of this request is
+    left "being checked": the rows it stored go before the error does.
     """
     _check_photos_can_change(persona)
+    sent = names if names is not None else [""] * len(uploads)
+    # The upload's own name where the one sent has nothing printable.
+    names = [display_name(name) or display_name(upload.name or "") for name, upload in zip(sent, uploads, strict=True)]
     refusals: list[Refusal] = []
     stored: list[Photo] = []
     present = set(persona.photos.exclude(sha256="").values_list("sha256", flat=True))
-    for upload in uploads:
-        try:
-            jpeg = clean_photo(upload)
-        except RefusedFile as refused:
-            refusals.append(Refusal(upload.name, str(refused.message)))
-            continue
-        if (digest := hashlib.sha256(jpeg).hexdigest()) in present:  # the same file sent again
-            refusals.append(Refusal(upload.name, _("This photo is already among this double's photos.")))
-            continue
-        present.add(digest)
-        # Its thumbnail comes with its analysis. Django keeps an upload's name to 255 characters.
-        photo = Photo(persona=persona, sha256=digest, original_name=upload.name or "")
-        try:
-            photo.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=True)
-        except Exception:
-            _delete_stored(photo.image)  # no selfie without its row
-            raise
-        stored.append(photo)
+    try:
+        for upload, name in zip(uploads, names):
+            try:
+                jpeg = clean_photo(upload)
+            except RefusedFile as refused:
+                refusals.append(Refusal(name, str(refused.message)))
+                continue
+            if (digest := hashlib.sha256(jpeg).hexdigest()) in present:  # the same file sent again
+                refusals.append(Refusal(name, _("This photo is already among this double's photos.")))
+                continue
+            present.add(digest)
+            stored.append(_store_photo(persona, jpeg, digest, name))
+    except Exception:
+        _delete_photos(stored)
+        raise
     if stored:
-        try:
-            analyse_persona(persona)
-        except Exception:
-            log.exception("analysing the photos of persona %s failed", persona.pk)
-            for photo in stored:
-                photo.delete()  # and its file: nothing half-done stays
-            raise NotAllowed(_("We could not analyse these photos just now. Please try again.")) from None
+        refusals += _analyse_new_photos(persona, stored)
     return refusals
+
+
+def _store_photo(persona: Persona, jpeg: bytes, digest: str, name: str) -> Photo:
+    """A new photo's file and row, "being checked" until analysed; its thumbnail comes with that."""
+    photo = Photo(persona=persona, sha256=digest, original_name=name)
+    try:
+        photo.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(jpeg), save=True)
+    except Exception:
+        _delete_stored(photo.image)  # no selfie without its row
+        raise
+    return photo
+
+
+def _delete_photos(photos: list[Photo]) -> None:
+    """Deletes the rows (and so the files) a request stored, when it cannot finish."""
+    for photo in photos:
+        photo.delete()
+
+
+def _analyse_new_photos(persona: Persona, new: list[Photo]) -> list[Refusal]:
+    """Analyses the persona with its new photos; a new photo that cannot be analysed is refused
+    alone.
+
+    When the analysis fails, each new photo is analysed on its own to find those that fail:
+    they are deleted and refused by name, and the rest analysed again. A failure no single photo
+    explains (the disk, the database) deletes the new photos and says so: retrying may help.
+    """
+    try:
+        analyse_persona(persona)
+        return []
+    except Exception:
+        log.exception("analysing the photos of persona %s failed; analysing its new photos one by one", persona.pk)
+    analysable = {photo.pk: _analyses_alone(photo) for photo in new}
+    failed = [photo for photo in new if not analysable[photo.pk]]
+    kept = [photo for photo in new if analysable[photo.pk]]
+    _delete_photos(failed)
+    try:
+        if kept:
+            analyse_persona(persona)
+    except Exception:
+        log.exception("analysing the photos of persona %s failed again", persona.pk)
+        _delete_photos(kept)  # and their files: nothing half-done stays
+        raise NotAllowed(_("We could not analyse these photos just now. Please try again.")) from None
+    message = _("We could not analyse this photo. Please try another one.")
+    return [Refusal(photo.original_name, message) for photo in failed]
+
+
+def _analyses_alone(photo: Photo) -> bool:
+    """Whether one photo's analysis (face checks, crop, cut-out, thumbnail) runs on its own."""
+    try:
+        with photo.image.open("rb") as stored:
+            data = stored.read()
+        (check,) = preprocess([(str(photo.id), data)], face_analyzer()).checks
+        thumbnail_jpeg(data, face=check.face.box if check.face is not None else None, aspect=1.0)
+    except Exception:
+        log.exception("photo %s of persona %s cannot be analysed", photo.pk, photo.persona_id)
+        return False
+    return True
 
 
 def _delete_stored(*files) -> None:

@@ -161,7 +161,7 @@ def photo_upload(request: HttpRequest, persona_id: int) -> HttpResponse:
     if not form.is_valid():
         return _persona_page(request, persona, upload_form=form, invalid=True)
     try:
-        refusals = services.add_photos(persona, form.cleaned_data["photos"])
+        refusals = services.add_photos(persona, form.cleaned_data["photos"], names=form.photo_names())
     except services.NotAllowed as refusal:
         return _back_to_persona(request, persona, str(refusal))
     if request.htmx:

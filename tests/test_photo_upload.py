@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import struct
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -15,13 +17,17 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
+from django.db import OperationalError, connection, transaction
 from django.test import Client
 from django.urls import reverse
 import numpy as np
 from PIL import Image
 
-from studio import services
+from studio import services, uploads
 from studio.models import FaceConsent, Persona, Photo
+from tests.pipeline.test_preprocess import (
+    jpeg_with_bad_exif, mpo, png_with_bad_exif, png_with_junk_raw_profile, scan_bomb,
+)
 
 pytestmark = pytest.mark.django_db
 FACES = Path(os.environ.get("PHOTOBOOTH_FACES_DIR", Path(__file__).resolve().parents[2] / "shared" / "faces"))
@@ -35,6 +41,10 @@ def encoded(image: Image.Image, fmt: str, **options) -> bytes:
     out = io.BytesIO()
     image.save(out, fmt, **options)
     return out.getvalue()
+
+
+def face_image(name: str) -> Image.Image:
+    return Image.open(FACES / name).convert("RGB")
 
 
 def minimal_psd(width: int = 4, height: int = 4) -> bytes:
@@ -454,3 +464,202 @@ def test_unreadable_stored_cut_outs_are_cut_again(owner_client, persona, consent
         upload(owner_client, persona, ("more.jpg", face("obama3.jpg")))
     assert "unreadable; cutting them again" in caplog.text
     assert len(stored_cuts(persona)) == 2
+
+
+# --- Every upload handled: odd files, names, mixed batches, bursts --------------------------
+
+def refusal_line(name: str, message: str) -> str:
+    """How the photo panel lists a refused file."""
+    return f"<li><strong>{name}</strong>: {message}</li>"
+
+
+ODD_BUT_GOOD = {
+    "bad_exif_jpeg": ("camera.jpg", lambda: jpeg_with_bad_exif(face_image("obama.jpg"))),
+    "bad_exif_png": ("editor.png", lambda: png_with_bad_exif(face_image("obama.jpg"))),
+    "junk_raw_profile_png": ("magick.png", lambda: png_with_junk_raw_profile(face_image("obama.jpg"))),
+    "mpo": ("dual-lens.jpg", lambda: mpo(face_image("obama.jpg"), face_image("obama2.jpg"))),
+    "progressive": ("progressive.jpg", lambda: encoded(face_image("obama.jpg"), "JPEG", progressive=True)),
+}
+
+
+@pytest.mark.parametrize("kind", ODD_BUT_GOOD)
+def test_photos_with_odd_metadata_or_several_pictures_are_accepted(owner_client, persona, consented, kind):
+    """Metadata is advisory: unreadable EXIF is ignored, the pixels kept; an MPO gives its first picture."""
+    name, make = ODD_BUT_GOOD[kind]
+    response = upload(owner_client, persona, (name, make()), htmx=True)
+    assert response.status_code == 200
+    stored = Photo.objects.get()
+    assert (stored.original_name, stored.status) == (name, "accepted")
+    image = Image.open(stored.image)
+    assert image.size == (910, 1137)  # obama.jpg's, not turned; not obama2.jpg's 626 x 1200
+    assert dict(image.getexif()) == {} and not {"exif", "icc_profile", "xmp", "comment"} & set(image.info)
+
+
+TOO_SMALL = "This image is only {} pixels. Please send a photo at least 64 pixels on each side."
+TOO_NARROW = ("This image is {} pixels: too long and narrow for a portrait. "
+              "Please send a photo at most 8 times as long as it is wide.")
+SLIVERS = {
+    "8000x2": ((8000, 2), TOO_SMALL.format("8000 × 2")),
+    "1x40000000": ((1, 40_000_000), TOO_SMALL.format("1 × 40000000")),
+    "63x400": ((63, 400), TOO_SMALL.format("63 × 400")),
+    "900x100": ((900, 100), TOO_NARROW.format("900 × 100")),
+}
+TOO_MANY_SCANS = ("This JPEG is saved in too many passes (progressive scans) to be opened quickly. "
+                  "Please save it again as an ordinary JPEG, or send another photo.")
+
+
+@pytest.mark.parametrize("kind", SLIVERS)
+def test_slivers_are_refused_by_name_before_analysis(owner_client, persona, consented, monkeypatch, kind):
+    size, message = SLIVERS[kind]
+    analysed = []
+    monkeypatch.setattr(services.face_analyzer(), "analyze", lambda image: analysed.append(image.size) or [])
+    response = upload(owner_client, persona, ("sliver.png", encoded(Image.new("L", size), "PNG")), htmx=True)
+    assert refusal_line("sliver.png", message) in response.content.decode()
+    assert analysed == [] and not Photo.objects.exists() and stored_files() == []
+
+
+def test_a_scan_bomb_is_refused_within_a_cpu_budget(owner_client, persona, consented):
+    """A 3000 x 3000 progressive JPEG of 2,000 scans: about 18 s of CPU to decode, refused unread."""
+    bomb = scan_bomb((3000, 3000), 2000)
+    started = time.process_time()
+    response = upload(owner_client, persona, ("bomb.jpg", bomb), htmx=True)
+    assert time.process_time() - started < 5
+    assert refusal_line("bomb.jpg", TOO_MANY_SCANS) in response.content.decode()
+    assert not Photo.objects.exists() and stored_files() == []
+
+
+def test_one_bad_file_never_costs_another(
+    owner_client, persona, consented, monkeypatch, django_capture_on_commit_callbacks
+):
+    """Every file of a batch gets its own verdict: bad ones are refused by name, alone, and a photo
+    whose analysis fails leaves no row or file; the good ones are kept and analysed."""
+    analyzer = services.face_analyzer()
+    real_analyze, breaking = analyzer.analyze, face_image("obama3.jpg").size
+
+    def analyze(image):
+        if image.size == breaking:
+            raise RuntimeError("the face detector crashed")
+        return real_analyze(image)
+
+    monkeypatch.setattr(analyzer, "analyze", analyze)
+    batch = [
+        ("obama.jpg", face("obama.jpg")),
+        ("sliver.png", encoded(Image.new("L", (8000, 2)), "PNG")),
+        ("camera.jpg", jpeg_with_bad_exif(face_image("obama1.jpg"))),
+        ("bomb.jpg", scan_bomb((3000, 3000), 2000)),
+        ("cut.jpg", face("obama2.jpg")[:40_000]),
+        ("breaks-analysis.jpg", face("obama3.jpg")),
+        ("obama2.jpg", face("obama2.jpg")),
+    ]
+    with django_capture_on_commit_callbacks(execute=True):
+        response = upload(owner_client, persona, *batch, htmx=True)
+    assert response.status_code == 200
+    body = response.content.decode()
+    for name, message in [
+        ("sliver.png", SLIVERS["8000x2"][1]),
+        ("bomb.jpg", TOO_MANY_SCANS),
+        ("cut.jpg", "This file is not a photo we can read, or it is damaged."),
+        ("breaks-analysis.jpg", "We could not analyse this photo. Please try another one."),
+    ]:
+        assert refusal_line(name, message) in body
+    kept = list(persona.photos.order_by("id"))
+    assert [(p.original_name, p.status) for p in kept] == [
+        ("obama.jpg", "accepted"), ("camera.jpg", "accepted"), ("obama2.jpg", "accepted")
+    ]
+    assert "3 good photos." in body
+    photo_files = sorted(path.name for path in stored_files() if path.parent.name == "photos")
+    assert photo_files == sorted(Path(name).name for p in kept for name in (p.image.name, p.thumbnail.name))
+
+
+def test_a_decoder_error_nobody_foresaw_refuses_that_file_alone(owner_client, persona, consented, monkeypatch):
+    real_load_photo = uploads.load_photo
+
+    def load_photo(image):
+        if image.size == (320, 240):
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return real_load_photo(image)
+
+    monkeypatch.setattr(uploads, "load_photo", load_photo)
+    batch = [("odd.jpg", face("obama_small.jpg")), ("obama.jpg", face("obama.jpg"))]
+    response = upload(owner_client, persona, *batch, htmx=True)
+    unreadable = "This file is not a photo we can read, or it is damaged."
+    assert refusal_line("odd.jpg", unreadable) in response.content.decode()
+    assert list(persona.photos.values_list("original_name", "status")) == [("obama.jpg", "accepted")]
+
+
+def test_a_request_that_fails_midway_leaves_no_photo_being_checked(
+    owner_client, persona, consented, monkeypatch, django_capture_on_commit_callbacks
+):
+    """The rows a failed request stored go with it (here the second insert finds the database locked)."""
+    real_save, inserts = Photo.save, []
+
+    def locked_on_the_second_insert(self, *args, **kwargs):
+        if self.pk is None:
+            inserts.append(self)
+            if len(inserts) == 2:
+                raise OperationalError("database is locked")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Photo, "save", locked_on_the_second_insert)
+    with django_capture_on_commit_callbacks(execute=True), pytest.raises(OperationalError):
+        upload(owner_client, persona, ("obama.jpg", face("obama.jpg")), ("obama2.jpg", face("obama2.jpg")))
+    assert not Photo.objects.exists() and stored_files() == []
+
+
+def test_file_names_are_display_text_cleaned_and_cut(owner_client, persona, consented):
+    """upload.js sends each file under a short safe name, and its own name in `names`."""
+    long_name, odd_name = "照" * 500 + ".jpg", "\x00\u202eevil\x1b[0m.jpg"
+    files = [("photo-1.jpg", face("obama.jpg")), ("photo-2.jpg", face("obama2.jpg")), ("photo-3.jpg", b"")]
+    response = owner_client.post(
+        reverse("photo_upload", args=[persona.id]),
+        {"photos": [SimpleUploadedFile(name, data) for name, data in files], "names": [long_name, odd_name, long_name]},
+        headers={"HX-Request": "true"},
+    )
+    shown = "照" * 79 + "…" + "照" * 16 + ".jpg"  # 100 characters, the extension kept
+    assert list(persona.photos.order_by("id").values_list("original_name", flat=True)) == [shown, "evil[0m.jpg"]
+    assert refusal_line(shown, "This file is empty.") in response.content.decode()
+
+
+def test_raw_long_file_names_never_break_a_request(owner_client, persona, consented):
+    """Without upload.js, names come raw: past Django's 1 KB for a part's headers its parser
+    refuses the request (a readable 400, nothing stored); a shorter one is shown cut to 100."""
+    raw = io.BytesIO(face("obama.jpg"))
+    raw.name = "照" * 500 + ".jpg"  # not an UploadedFile, which would cut it to 255 characters
+    response = owner_client.post(reverse("photo_upload", args=[persona.id]), {"photos": [raw]})
+    assert response.status_code == 400 and "We could not read that request" in response.content.decode()
+    assert not Photo.objects.exists()
+    upload(owner_client, persona, ("照" * 300 + ".jpg", face("obama.jpg")))
+    assert len(Photo.objects.get().original_name) == 100
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sqlite_writers_wait_for_each_other_instead_of_failing(owner):
+    """Two uploads that read, then write, at once: with deferred transactions one of them failed
+    with "database is locked" (SQLite does not wait to upgrade a read lock); with IMMEDIATE ones
+    the second waits at BEGIN, within the busy timeout."""
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite only")
+    assert connection.cursor().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    both_have_read = threading.Barrier(2, timeout=1)
+    errors: list[Exception] = []
+
+    def read_then_write(name: str) -> None:
+        try:
+            with transaction.atomic():
+                Persona.objects.filter(owner=owner).count()
+                try:
+                    both_have_read.wait()
+                except threading.BrokenBarrierError:
+                    pass  # IMMEDIATE: the other one is waiting for this one's write lock
+                Persona.objects.create(owner=owner, name=name)
+        except Exception as error:
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=read_then_write, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and Persona.objects.filter(owner=owner).count() == 2

@@ -8,6 +8,21 @@ function checkRoom(input) {
   return !tooMany;
 }
 
+// File names are display text only. Django's multipart parser refuses a whole request for one
+// long file name (500 Chinese characters) and drops a file whose name is unprintable, so each
+// file travels under a short safe name ("photo-3.jpg") and its own name goes in "names", in
+// the same order, for the page to show.
+function sendSafeNames(formData) {
+  const files = formData.getAll("photos").filter((file) => file instanceof File && file.name);
+  formData.delete("photos");
+  formData.delete("names");
+  files.forEach((file, index) => {
+    const extension = /\.[a-z0-9]{1,5}$/i.exec(file.name)?.[0] ?? "";
+    formData.append("photos", file, `photo-${index + 1}${extension.toLowerCase()}`);
+    formData.append("names", file.name);
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   document.body.addEventListener("dragover", (event) => {
     if (event.target.closest(".dropzone")) event.preventDefault();
@@ -33,6 +48,9 @@ document.addEventListener("DOMContentLoaded", () => {
       image.alt = file.name;
       return image;
     }));
+  });
+  document.body.addEventListener("htmx:configRequest", (event) => {
+    if (event.detail.elt.matches(".upload")) sendSafeNames(event.detail.formData);
   });
   // Checked again as htmx sends: files chosen before this script ran raised no change event here.
   document.body.addEventListener("htmx:beforeRequest", (event) => {

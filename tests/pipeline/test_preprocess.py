@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
+from PIL.PngImagePlugin import PngInfo
 
 from pipeline.common import CancelToken, Cancelled, Progress
 from pipeline.faces import model_files_id
@@ -166,6 +168,75 @@ def test_heic_photos_are_read(face_photo):
     face_photo("obama_small.jpg").save(buffer, format="HEIF")
     photo = load_photo(buffer.getvalue())
     assert photo is not None and photo.size == (320, 240) and photo.mode == "RGB"
+
+
+# Photos with odd metadata or odd encodings, as cameras, editors and attackers write them. The
+# site's upload tests (tests/test_photo_upload.py) send the same files through the upload form.
+
+def encoded_as(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def jpeg_with_bad_exif(image: Image.Image) -> bytes:
+    """A JFIF JPEG whose EXIF block has a bad TIFF header: reading it raises SyntaxError."""
+    return encoded_as(image, "JPEG", dpi=(72, 72), exif=b"Exif\x00\x00JUNKJUNKJUNK")
+
+
+def png_with_bad_exif(image: Image.Image) -> bytes:
+    """A PNG whose eXIf chunk is not TIFF: reading it raises SyntaxError."""
+    return encoded_as(image, "PNG", exif=b"JUNKJUNKJUNK")
+
+
+def png_with_junk_raw_profile(image: Image.Image) -> bytes:
+    """A PNG with ImageMagick's "Raw profile type exif" text chunk holding no hex: ValueError."""
+    text = PngInfo()
+    text.add_text("Raw profile type exif", "\nexif\n      24\nthis is not hexadecimal\n")
+    return encoded_as(image, "PNG", pnginfo=text)
+
+
+def mpo(first: Image.Image, second: Image.Image) -> bytes:
+    """A multi-picture JPEG (MPO), as dual-lens cameras and several phones write them."""
+    return encoded_as(first, "MPO", save_all=True, append_images=[second])
+
+
+def scan_bomb(size: tuple[int, int], scans: int) -> bytes:
+    """A progressive JPEG of `size` whose last scan is repeated to `scans` scans: a few hundred
+    kilobytes that cost libjpeg about 1 ns per pixel and scan (3000 x 3000 x 2,000: ~18 s)."""
+    data = encoded_as(Image.new("L", size, 128), "JPEG", progressive=True)
+    last = data.rindex(b"\xff\xda")  # this flat picture's scans hold no FF byte but their markers'
+    return data[:-2] + data[last:-2] * (scans - data.count(b"\xff\xda")) + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("make", [jpeg_with_bad_exif, png_with_bad_exif, png_with_junk_raw_profile])
+def test_malformed_metadata_is_ignored_and_the_pixels_kept(make, face_photo):
+    original = face_photo("obama_small.jpg")
+    photo = load_photo(make(original))
+    assert photo is not None and photo.size == original.size and photo.mode == "RGB"
+    difference = np.abs(np.asarray(photo, dtype=np.int16) - np.asarray(original, dtype=np.int16))
+    assert difference.mean() < 10  # the same picture (JPEG noise aside), not turned
+
+
+def test_readable_orientation_is_still_applied(face_photo):
+    original = face_photo("obama_small.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    assert load_photo(encoded_as(original, "JPEG", exif=exif)).size == (original.height, original.width)
+
+
+def test_a_scan_bomb_is_refused_within_a_cpu_budget():
+    bomb = scan_bomb((3000, 3000), 2000)
+    started = time.process_time()
+    assert load_photo(bomb) is None
+    assert time.process_time() - started < 1.0
+
+
+def test_ordinary_progressive_jpegs_are_read(face_photo):
+    original = face_photo("obama.jpg")
+    data = encoded_as(original, "JPEG", progressive=True)
+    assert data.count(b"\xff\xda") == 10
+    assert load_photo(data).size == original.size
 
 
 def test_non_image_bytes_are_refused(dlib_analyzer):
