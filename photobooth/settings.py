@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from photobooth.env import env_bool, env_int, env_list, env_str
 
@@ -172,10 +173,23 @@ PHOTOS_NEEDED = 5
 # above, since each file may be 15 MB. upload.js stops a larger choice in the browser, and
 # templates/400.html explains the rest.
 DATA_UPLOAD_MAX_NUMBER_FILES = 2 * PHOTOS_PER_PERSONA
+# Request bodies, bounded before Django reads them (photobooth/body_limits.py): the largest is a
+# full double's photos plus the form around them (names, token: 1 MiB is far more than enough);
+# a larger one is answered 413 unread. A body must arrive within REQUEST_BODY_TIMEOUT_S plus a
+# second for every REQUEST_BODY_MIN_KBPS kilobytes received, or it is cut (408).
+REQUEST_MAX_BYTES = PHOTOS_PER_PERSONA * PHOTO_MAX_BYTES + 2**20
+REQUEST_BODY_TIMEOUT_S = env_int("REQUEST_BODY_TIMEOUT_S", 20, minimum=1)
+REQUEST_BODY_MIN_KBPS = env_int("REQUEST_BODY_MIN_KBPS", 10, minimum=1)
 # Face analysis: "dlib" (offline default, ships with pip) or "insightface" with a model pack
 # folder (e.g. buffalo_l; its licence allows non-commercial research only).
 FACE_BACKEND = env_str("FACE_BACKEND", "dlib")
 FACE_MODEL_DIR = env_str("FACE_MODEL_DIR", "") or None
+# Optional: an inswapper_128-shaped ONNX file (pipeline.swapper; insightface's own is licensed for
+# non-commercial research only) that fuses faces instead of the classic fusion. Its latent is
+# ArcFace's embedding, so it needs the insightface backend.
+FACE_SWAPPER_MODEL = env_str("FACE_SWAPPER_MODEL", "") or None
+if FACE_SWAPPER_MODEL and FACE_BACKEND != "insightface":
+    raise ImproperlyConfigured("FACE_SWAPPER_MODEL needs FACE_BACKEND=insightface (its latent is ArcFace's embedding)")
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 # redis-py 8 gives every socket a 5 s read timeout, the same as the channel layer's blocking

@@ -80,6 +80,7 @@ from pipeline.fusion import (
 )
 from pipeline.compiling import CompiledForwards, CompiledGroupNorms
 from pipeline.prompts import EASYPHOTO_NEGATIVE, EASYPHOTO_POSITIVE, encode_prompts
+from pipeline.swapper import LearnedSwapper
 from pipeline.preprocess import PreprocessConfig, crop_around_face, load_photo, no_restoration
 
 if TYPE_CHECKING:
@@ -342,12 +343,23 @@ def recolour_face(image: np.ndarray, template: np.ndarray, shape: np.ndarray, fa
     return composite(image, toned, soft(shape, face, config))
 
 
-def fused_into(crop: TemplateCrop, persona: Persona, config: FusionConfig, image: np.ndarray | None = None):
-    """The persona's reference face fused into the crop's face (pipeline.fusion); `image` replaces
-    the crop's pixels (the diffusion engine's second fusion)."""
+def fused_into(
+    crop: TemplateCrop,
+    persona: Persona,
+    config: FusionConfig,
+    swapper: LearnedSwapper | None,
+    image: np.ndarray | None = None,
+):
+    """The persona's face fused into the crop's face (pipeline.fusion); `image` replaces the
+    crop's pixels (the diffusion engine's second fusion). The source is the reference photo, or
+    with a learned swapper the crop's own face redrawn with the persona's identity (already in
+    the crop's geometry, so the warp leaves it in place)."""
     base = crop.image if image is None else image
-    source = persona.reference_face.landmarks
-    return fuse_face(base, crop.face.landmarks, np.asarray(persona.reference), source, config)
+    if swapper is None:
+        source, landmarks = np.asarray(persona.reference), persona.reference_face.landmarks
+    else:
+        source, landmarks = swapper.swap(base, crop.face, persona.embedding), crop.face.landmarks
+    return fuse_face(base, crop.face.landmarks, source, landmarks, config)
 
 
 def canny_control(image: np.ndarray, config: GenerateConfig) -> np.ndarray:
@@ -700,9 +712,9 @@ class _Rendered:
     masks: dict[str, np.ndarray]  # keys: face, paste, and for diffusion inpaint, edge
 
 
-def _classic(crop: TemplateCrop, persona: Persona, config: GenerateConfig) -> _Rendered:
+def _classic(crop: TemplateCrop, persona: Persona, config: GenerateConfig, swapper: LearnedSwapper | None) -> _Rendered:
     shape = face_shape(crop.face, (config.crop_size, config.crop_size))
-    fused = fused_into(crop, persona, config.classic_fusion)
+    fused = fused_into(crop, persona, config.classic_fusion, swapper)
     # Pasted back where the fusion may show, grown by the feather so the paste's own soft edge
     # falls where the fusion's weights are already 0: the rest of the crop is the template resampled.
     paste = cv2.dilate(fused.mask, disk(config.feather_fraction * face_width(crop.face.landmarks)))
@@ -716,12 +728,13 @@ def _diffusion(
     persona: Persona,
     pose_face: Face,
     config: GenerateConfig,
+    swapper: LearnedSwapper | None,
     progress: ProgressCallback,
     cancel: CancelToken,
 ) -> list[_Rendered]:
     size = (config.crop_size, config.crop_size)
     shapes = [face_shape(c.face, size) for c in crops]
-    first = [fused_into(c, persona, config.fusion).image for c in crops]
+    first = [fused_into(c, persona, config.fusion, swapper).image for c in crops]
     controls = {
         "canny": [canny_control(f, config) for f in first],
         "color": [color_control(f, config) for f in first],
@@ -739,7 +752,7 @@ def _diffusion(
     for crop, fused, mask, image in zip(crops, first, masks1, generated):
         toned = color_transfer(image, crop.image, mask, mask)
         passed = composite(fused, toned, soft(mask, crop.face, config))
-        second.append(fused_into(crop, persona, config.fusion, image=passed).image)
+        second.append(fused_into(crop, persona, config.fusion, swapper, image=passed).image)
     masks2 = [edge_mask(c.face, s, config) for c, s in zip(crops, shapes)]
     # As in EasyPhoto, pass 2 starts from the second fusion and is guided by it.
     controls = {"canny": [canny_control(f, config) for f in second], "tile": second}
@@ -769,10 +782,12 @@ def render_portraits(
     upscale: ImageHook = no_restoration,
     progress: ProgressCallback = ignore_progress,
     cancel: CancelToken | None = None,
+    swapper: LearnedSwapper | None = None,
 ) -> list[PortraitResult]:
     """Renders the persona into every template: classic without `engine`, else the two diffusion
     passes with the persona's LoRA (`lora`, a path or a LoraSource; None renders without one), all
-    templates in one batch."""
+    templates in one batch. `swapper` (pipeline.swapper, optional) fuses by a learned model
+    instead of the reference photo's pixels."""
     cancel = cancel or CancelToken()
     crops = [crop_template(t, config) for t in templates]
     progress(Progress("preparing", 0.0, f"{len(crops)} template(s)"))
@@ -780,7 +795,7 @@ def render_portraits(
         rendered = []
         for index, crop in enumerate(crops):
             cancel.raise_if_cancelled()
-            rendered.append(_classic(crop, persona, config))
+            rendered.append(_classic(crop, persona, config, swapper))
             progress(Progress("fusing", (index + 1) / len(crops)))
     else:
         # The pose comes from the best validation face; where no face is found in it (a poorly
@@ -793,7 +808,7 @@ def render_portraits(
         source = lora if isinstance(lora, LoraSource) or lora is None else LoraSource.local(lora)
         with engine.session(source, config.lora_scale):
             prompts = [portrait_prompts(persona.caption, t, config) for t in templates]
-            rendered = _diffusion(engine, crops, prompts, persona, pose_faces[0], config, progress, cancel)
+            rendered = _diffusion(engine, crops, prompts, persona, pose_faces[0], config, swapper, progress, cancel)
     results = []
     progress(Progress("finishing", 0.0))
     for index, (template, crop, done) in enumerate(zip(templates, crops, rendered)):
@@ -827,6 +842,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", type=Path, help="default: PERSONA/persona_lora.safetensors")
     parser.add_argument("--backend", choices=("dlib", "insightface"), default="dlib")
     parser.add_argument("--face-models", type=Path, help="face model folder (required for insightface)")
+    parser.add_argument("--swapper", type=Path, help="an inswapper_128-shaped ONNX file (pipeline.swapper; insightface)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--prompt", default="", help="the template's own words, added to the default prompt")
     parser.add_argument("--negative-prompt", default="", help="added to the default negative prompt")
@@ -849,7 +865,8 @@ def run(args: argparse.Namespace) -> dict:
 
         engine = DiffusionEngine.from_models(load_models(args.models, args.device))
         lora = args.lora or args.persona / "persona_lora.safetensors"
-    (result,) = render_portraits(persona, [template], analyzer, engine=engine, lora=lora)
+    swapper = LearnedSwapper(args.swapper) if args.swapper else None
+    (result,) = render_portraits(persona, [template], analyzer, engine=engine, lora=lora, swapper=swapper)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(args.out)
     return {

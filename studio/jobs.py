@@ -281,7 +281,7 @@ def _make_portraits(job: Job, report: JobReporter) -> None:
             config = GenerateConfig(crop_size=settings.PORTRAIT_SIZE, seed=seed)
             results = render_portraits(
                 subject, faces, analyzer, config, engine=engine, lora=lora,
-                progress=_within(report, index, len(batches)), cancel=report.cancel,
+                progress=_within(report, index, len(batches)), cancel=report.cancel, swapper=services.face_swapper(),
             )
             for template, result in zip(batch, results):
                 portrait = services.save_portrait(job, template, result.image, result.identity_score)

@@ -43,6 +43,7 @@ from pipeline.faces import FaceAnalyzer, largest_face_embeddings, load_face_anal
 from pipeline.generate import DiffusionEngine, analyse_template
 from pipeline.models import check_models, load_models
 from pipeline.preprocess import CutOuts, PhotoCheck, PreprocessResult, preprocess, write_preprocessed
+from pipeline.swapper import LearnedSwapper
 from pipeline.train import TrainConfig, ValidationTemplate, read_preprocessed, train_persona
 from studio import training_folders
 from studio.models import FaceConsent, Job, Persona, Photo, Portrait, Template, owner_folder
@@ -118,6 +119,13 @@ def give_face_consent(owner: AbstractBaseUser) -> FaceConsent:
 def face_analyzer() -> FaceAnalyzer:
     """The configured face backend, loaded once per process (dlib's models take ~2 s)."""
     return load_face_analyzer(settings.FACE_BACKEND, settings.FACE_MODEL_DIR)
+
+
+@functools.cache
+def face_swapper() -> LearnedSwapper | None:
+    """The operator's learned face swapper (FACE_SWAPPER_MODEL), loaded once per process; None
+    when none is configured, and portraits fuse by the classic fusion."""
+    return LearnedSwapper(settings.FACE_SWAPPER_MODEL) if settings.FACE_SWAPPER_MODEL else None
 
 
 def add_photos(persona: Persona, uploads: list[UploadedFile], names: Sequence[str] | None = None) -> list[Refusal]:
