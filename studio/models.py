@@ -18,6 +18,8 @@ from django.utils import translation
 from django.utils.text import slugify
 from django.utils.translation import gettext_lazy as _
 
+from pipeline.faces import THRESHOLDS, likeness
+
 
 def owner_folder(owner_id: int) -> str:
     return f"users/{owner_id}"
@@ -273,6 +275,14 @@ class Portrait(PersonaPart):
         ordering = ["-created"]
         verbose_name = _("portrait")
         verbose_name_plural = _("portraits")
+
+    @property
+    def likeness(self) -> int | None:
+        """The 0-100 likeness people see (pipeline.faces.likeness) of the stored cosine, read with
+        the site's face backend, the one that measured it."""
+        if self.identity_similarity is None:
+            return None
+        return round(likeness(self.identity_similarity, THRESHOLDS[settings.FACE_BACKEND]))
 
     @property
     def file_name(self) -> str:
