@@ -3,26 +3,39 @@
 Steps (EasyPhoto's preprocessing plus an image-quality score and readable refusals):
 
 1. Per photo: decode (JPEG, PNG, HEIC...; a bounded number of progressive scans), upright
-   by EXIF orientation when it can be read, detect faces.
+   by EXIF orientation when it can be read, detect faces. A face whose landmarks say it lies on
+   its side or upside down (roll past ROLL_LIMIT degrees), or a photo with no face found that
+   shows one once turned by a quarter or half turn (dlib's detector finds no face past about 40
+   degrees: an upside-down photo without an EXIF tag), is turned upright and analysed again.
    Refuse with a reason code: not_an_image, no_face, multiple_faces (a second face at least
    `background_face_ratio` as wide as the largest; smaller ones are people in the
    background), face_cut_off (more than `max_face_outside` of the face box lies outside the
    photo: half a face trains half a double), face_too_small, too_dark, too_blurry (checked
    after darkness because a dark face also has little contrast). Score the rest: angle
    `(90 - |eye-line angle|) / 90`, quality = sharpness x exposure x size scores, each 0..1.
-2. Identity: the centre is the mean embedding of the photos close to the medoid (the photo
-   nearest to all others), so one stranger's photo cannot pull the centre towards itself as
-   it would pull EasyPhoto's plain mean. Photos farther than the backend's same-person
-   distance from it are refused as different_person; similarity = cosine to the centre.
-3. Near-duplicates (embeddings closer than the backend's near-duplicate distance): the one
-   with the lower similarity x quality goes. The top `max_train_photos` by similarity x
-   quality are selected; the rest are refused as not_needed. The reference face is the
-   selected photo with the best angle x similarity.
-4. Selected photos are cropped around the face (box x `crop_scale`, square, `crop_size` px),
+2. Near-duplicates: a photo whose embedding lies closer than the backend's near-duplicate
+   distance to a better-quality photo's, or to that photo's face mirrored, is the same picture
+   again (re-encoded, resized, cropped or mirrored) and goes: it adds no new view, and it would
+   be one more vote below. The mirrored face is analysed only for pairs closer than the
+   backend's mirror-check distance (`mirror_embedding`).
+3. Who the double is (`select_person`): the photos are grouped by average linkage at the
+   backend's same-person distance, and a photo belongs to the double when it lies within that
+   distance of most of the double's other photos (a vote, not an average it helped make: a
+   stranger, or two photos of him, cannot move the line that judges them). When no group
+   agrees with most of the set and two groups hold two photos or more (3 photos of one person
+   and 2 of another), the set shows several people: nothing is selected, each group's photos
+   say so (`several_people`, with the group's number) and the person chooses. A single photo
+   unlike the rest is a stranger (`different_person`). similarity = cosine to the unit mean of
+   the double's other photos.
+4. The top `max_train_photos` by similarity x quality are selected; the rest are refused as
+   not_needed. The reference face is the selected photo with the best angle x similarity. With
+   `held_out_from` photos or more, the next best by that measure is held out (`held_out`): not
+   trained on and not fused, kept to score portraits against a real photo the model never saw.
+5. Selected photos are cropped around the face (box x `crop_scale`, square, `crop_size` px),
    passed through the restoration hook, and the person is cut onto white by the segmenter
    hook (default: OpenCV GrabCut seeded by the face box and a body rectangle; offline and
    model-free, good enough to remove most of a background, not hair-exact).
-5. What step 1 found for each photo (`PhotoCheck`: the face, its scores or the refusal) comes
+6. What step 1 found for each photo (`PhotoCheck`: the face, its scores or the refusal) comes
    back in the result; given to the next run as `known`, it stands in for detecting and
    embedding that photo again. The site keeps it on each photo, so adding a 20th photo
    analyses one, not 20 (4.10 s against 0.99 s for 20 photos on 2 CPU cores). The training
@@ -44,11 +57,13 @@ persona.json (version 1):
                    "keypoints": [[x, y] x 5]}     # same pixels, faces.py order
                   or null when no photo was accepted,
      "train": [{"image": "train/00.png", "name": "obama.jpg", "embedding": [...]}, ...],
-     "photos": [{"name", "accepted", "reason", "message", "scores"}, ...]}
+     "held_out": {"name": "obama2.jpg", "embedding": [...]} or null,   # step 4
+     "photos": [{"name", "accepted", "reason", "message", "scores", "person", "held_out"}, ...]}
 
 `reason` is a code (null when accepted), `message` its English text for people (translate
 with gettext), `scores` the fields of `PhotoScores`, or null when the photo was refused
-before one face was measured.
+before one face was measured. `person` numbers the groups (1, 2...) when the set shows
+several people, else null; `held_out` is true for the held-out photo (accepted, not trained).
 """
 
 from __future__ import annotations
@@ -68,7 +83,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pillow_heif import register_heif_opener
 
 from pipeline.common import CancelToken, Progress, ProgressCallback, gettext_noop, ignore_progress
-from pipeline.faces import Face, FaceAnalyzer, load_face_analyzer
+from pipeline.faces import Face, FaceAnalyzer, FaceThresholds, load_face_analyzer
 
 register_heif_opener()
 
@@ -81,6 +96,7 @@ REASONS = {
     "too_blurry": gettext_noop("This photo is too blurry."),
     "too_dark": gettext_noop("This photo is too dark."),
     "different_person": gettext_noop("This face does not look like the person in your other photos."),
+    "several_people": gettext_noop("These photos show more than one person. Choose who your double is."),
     "near_duplicate": gettext_noop("This photo is almost the same as another one you uploaded."),
     "not_needed": gettext_noop("We already have enough better photos, so this one was not needed."),
 }
@@ -101,6 +117,9 @@ class PreprocessConfig:
     # obama_partial_face.jpg, the official portrait cut through the face, has 23% of dlib's
     # box outside it; whole faces have none.
     max_face_outside: float = 0.1
+    # From this many accepted photos on, one is held out of training and fusion (step 4): with
+    # 6 or more left to train on, the double loses little.
+    held_out_from: int = 7
 
 
 @dataclass(frozen=True)
@@ -110,7 +129,10 @@ class PhotoScores:
     brightness: float  # mean grey level of the face box, 0..255
     angle: float  # (90 - |eye-line angle in degrees|) / 90
     quality: float  # sharpness x exposure x size scores, 0..1
-    similarity: float | None = None  # cosine to the persona's centre, once known
+    similarity: float | None = None  # cosine to the unit mean of the double's other photos, once known
+    # The distance within which most of the double's other photos lie (select_person's vote):
+    # at most the same-person distance for the double's photos, beyond it for a stranger's.
+    majority_distance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +141,8 @@ class PhotoDecision:
     accepted: bool
     reason: str | None  # a REASONS key; None when accepted
     scores: PhotoScores | None  # None when refused before one face was measured
+    person: int | None = None  # the photo's group (1, 2...) when the set shows several people
+    held_out: bool = False  # accepted, and kept out of training and fusion (step 4)
 
     @property
     def message(self) -> str | None:
@@ -153,14 +177,16 @@ class PhotoCheck:
 
     key: str
     reason: str | None  # the refusal, or None: the photo is a candidate
-    face: Face | None
+    face: Face | None  # in the photo turned by `turn`
     scores: PhotoScores | None  # similarity not set: it depends on the other photos
+    turn: int = 0  # degrees counter-clockwise (PIL's rotate) that turned the face upright
 
     def to_json(self) -> dict:
         face = self.face
         return {
             "key": self.key,
             "reason": self.reason,
+            "turn": self.turn,
             "scores": None if self.scores is None else asdict(self.scores),
             "face": None if face is None else {
                 "box": list(face.box),
@@ -181,12 +207,12 @@ class PhotoCheck:
                 None if face["landmarks"] is None else np.array(face["landmarks"], np.float32),
             )
         scores = None if data["scores"] is None else PhotoScores(**data["scores"])
-        return cls(data["key"], data["reason"], face, scores)
+        return cls(data["key"], data["reason"], face, scores, data.get("turn", 0))
 
 
 # Part of every check's key: raise it when check_photo decides differently, so stored checks
 # are redone rather than trusted.
-CHECK_VERSION = 2
+CHECK_VERSION = 3  # 3: photos turned upright
 
 
 def check_key(analyzer: FaceAnalyzer, config: PreprocessConfig) -> str:
@@ -219,6 +245,15 @@ class CutOuts:
 
 
 @dataclass(frozen=True)
+class HeldOut:
+    """An accepted photo kept out of training and fusion: portraits are scored against it, a real
+    photo the model never saw, since likeness to the fused reference rewards pasting it."""
+
+    name: str
+    embedding: np.ndarray
+
+
+@dataclass(frozen=True)
 class PreprocessResult:
     backend: str
     caption: str
@@ -227,6 +262,17 @@ class PreprocessResult:
     reference: ReferenceFace | None
     checks: list[PhotoCheck]  # in input order: what a later run may reuse
     cut_key: str  # how the training images were cut: a later run reuses them when its own is the same
+    held_out: HeldOut | None = None
+
+    @property
+    def people(self) -> list[list[str]]:
+        """The photos of each person, by name, when the set shows several people (nothing was
+        selected then); empty when it shows one."""
+        groups: dict[int, list[str]] = {}
+        for decision in self.decisions:
+            if decision.person is not None:
+                groups.setdefault(decision.person, []).append(decision.name)
+        return [groups[number] for number in sorted(groups)]
 
 
 @dataclass(frozen=True)
@@ -244,8 +290,8 @@ class Candidate:
         """Training preference: similarity x quality (similarity is set by then)."""
         return self.scores.similarity * self.scores.quality
 
-    def refuse(self, reason: str) -> PhotoDecision:
-        return PhotoDecision(self.name, False, reason, self.scores)
+    def refuse(self, reason: str, person: int | None = None) -> PhotoDecision:
+        return PhotoDecision(self.name, False, reason, self.scores, person)
 
 
 def no_restoration(image: Image.Image) -> Image.Image:
@@ -399,12 +445,60 @@ def crop_around_face(image: Image.Image, face: Face, config: PreprocessConfig) -
     return FaceCrop(crop, box, keypoints.astype(np.float32))
 
 
+# A face rolled further than this (its eyes-to-mouth line against the photo's vertical) is
+# turned upright by the nearest quarter turn and analysed again.
+ROLL_LIMIT = 45.0
+
+
+def roll(face: Face) -> float:
+    """How far the face is turned in the photo's plane, in degrees: 0 upright, 180 upside down,
+    -90 when PIL's rotate(90) made it (so rotate(roll) turns it back). From the keypoints, so
+    it holds for any backend whose landmarks follow the face (dlib's HOG detector finds no face
+    past about 40 degrees; SCRFD finds faces at any roll)."""
+    eyes, mouth = face.keypoints[:2].mean(axis=0), face.keypoints[3:5].mean(axis=0)
+    dx, dy = mouth - eyes
+    return math.degrees(math.atan2(-dx, dy))
+
+
+def upright_turn(face: Face) -> int:
+    """The quarter turns (degrees for PIL's rotate, 0..270) that bring the face upright."""
+    if abs(roll(face)) <= ROLL_LIMIT:
+        return 0
+    return round(roll(face) / 90.0) * 90 % 360
+
+
+def turned(image: Image.Image, turn: int) -> Image.Image:
+    """The photo turned `turn` degrees counter-clockwise (quarter turns: exact, no resampling)."""
+    return image.rotate(turn, expand=True) if turn else image
+
+
+def find_faces(image: Image.Image, analyzer: FaceAnalyzer) -> tuple[int, list[Face]]:
+    """The photo's faces, largest first, with the turn that shows them upright.
+
+    A face whose landmarks say it lies on its side or upside down is analysed again turned
+    upright; a photo with no face is tried turned by a half and by either quarter turn (a photo
+    with no face costs four analyses, about 1 s with dlib).
+    """
+    faces = analyzer.analyze(image)
+    if faces:
+        turn = upright_turn(faces[0])
+        if turn and (again := analyzer.analyze(turned(image, turn))):
+            return turn, again
+        return 0, faces
+    for turn in (180, 90, 270):
+        faces = analyzer.analyze(turned(image, turn))
+        if faces and upright_turn(faces[0]) == 0:
+            return turn, faces
+    return 0, []
+
+
 def inspect_photo(image: Image.Image, analyzer: FaceAnalyzer, config: PreprocessConfig) -> PhotoCheck:
     """Detection, embedding and the per-photo refusals of a decoded photo."""
     key = check_key(analyzer, config)
-    faces = analyzer.analyze(image)
+    turn, faces = find_faces(image, analyzer)
     if not faces:
         return PhotoCheck(key, "no_face", None, None)
+    image = turned(image, turn)
     face = faces[0]
     if any(other.width >= config.background_face_ratio * face.width for other in faces[1:]):
         return PhotoCheck(key, "multiple_faces", None, None)
@@ -417,8 +511,8 @@ def inspect_photo(image: Image.Image, analyzer: FaceAnalyzer, config: Preprocess
         (scores.sharpness < limits.min_sharpness, "too_blurry"),
     ):
         if failed:
-            return PhotoCheck(key, reason, face, scores)
-    return PhotoCheck(key, None, face, scores)
+            return PhotoCheck(key, reason, face, scores, turn)
+    return PhotoCheck(key, None, face, scores, turn)
 
 
 def check_photo(
@@ -441,15 +535,113 @@ def check_photo(
     check = known if known is not None and known.key == key else inspect_photo(image, analyzer, config)
     if check.reason is not None:
         return PhotoDecision(name, False, check.reason, check.scores), check
-    return Candidate(index, name, check.face, check.scores, crop_around_face(image, check.face, config)), check
+    crop = crop_around_face(turned(image, check.turn), check.face, config)
+    return Candidate(index, name, check.face, check.scores, crop), check
 
 
-def identity_centre(embeddings: np.ndarray, same_person_distance: float) -> np.ndarray:
-    """Unit mean of the embeddings within `same_person_distance` of the medoid."""
-    distances = np.linalg.norm(embeddings[:, None, :] - embeddings[None, :, :], axis=-1)
-    medoid = int(np.argmin(distances.sum(axis=1)))
-    centre = embeddings[distances[medoid] <= same_person_distance].mean(axis=0)
-    return centre / np.linalg.norm(centre)
+def pairwise_distances(embeddings: np.ndarray) -> np.ndarray:
+    """L2 distances between every two rows."""
+    return np.linalg.norm(embeddings[:, None, :] - embeddings[None, :, :], axis=-1)
+
+
+def majority_distance(distances: np.ndarray) -> float:
+    """The distance within which a strict majority of these lie (0 when there are none): a
+    photo agrees with most of the others when this is within the same-person distance."""
+    if len(distances) == 0:
+        return 0.0
+    return float(np.sort(distances)[len(distances) // 2])
+
+
+def group_faces(distances: np.ndarray, limit: float) -> list[list[int]]:
+    """Average-linkage groups: the two groups whose photos lie closest on average are merged
+    while that average is within `limit`. Largest first, then by first photo.
+
+    An average, not the closest pair, so a look-alike near one photo does not chain two people
+    into one group; not the farthest pair, so one poor photo does not split a person in two.
+    """
+    groups = [[index] for index in range(len(distances))]
+    while len(groups) > 1:
+        closest, a, b = min(
+            (float(distances[np.ix_(groups[a], groups[b])].mean()), a, b)
+            for a in range(len(groups))
+            for b in range(a + 1, len(groups))
+        )
+        if closest > limit:
+            break
+        groups[a] = sorted(groups[a] + groups.pop(b))
+    return sorted(groups, key=lambda group: (-len(group), group[0]))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Who the double is, by position in the embeddings given to `select_person`."""
+
+    person: list[int]  # the double's photos; empty when the set shows several people
+    people: list[list[int]]  # each person's photos when it does (nothing selected then), else empty
+    majority_distances: list[float]  # per photo: to the double's other photos (its own person's when several)
+
+
+def select_person(embeddings: np.ndarray, limit: float) -> Selection:
+    """The double's photos: those within `limit` of most of the double's other photos.
+
+    The double is the largest group (group_faces), or the first photo when no two agree. When
+    that group's photos do not agree with most of the set (it holds no more than (n + 1) / 2 of
+    n photos) and another group holds two or more, the set shows several people: a vote cannot
+    say who the double is, and a second person is never used silently, so the person chooses.
+    """
+    count = len(embeddings)
+    if count == 0:
+        return Selection([], [], [])
+    distances = pairwise_distances(embeddings)
+    groups = group_faces(distances, limit)
+    people = [group for group in groups if len(group) >= 2]
+    several = len(people) >= 2 and len(groups[0]) <= (count + 1) / 2
+    # Each photo is judged by the double's photos; when there are several people, by its own
+    # group's (a photo alone, by the largest group's).
+    judged_by = dict.fromkeys(range(count), groups[0])
+    if several:
+        judged_by.update((i, group) for group in people for i in group)
+    votes = [majority_distance(distances[i, [j for j in judged_by[i] if j != i]]) for i in range(count)]
+    if several:
+        return Selection([], people, votes)
+    return Selection([i for i in range(count) if votes[i] <= limit], [], votes)
+
+
+def mirror_embedding(candidate: Candidate, analyzer: FaceAnalyzer) -> np.ndarray | None:
+    """The embedding of the candidate's face mirrored, from its crop (face box x3 at 512 px, so
+    the analysis is small), or None when no face is found there."""
+    faces = analyzer.analyze(ImageOps.mirror(candidate.crop.image))
+    return faces[0].embedding if faces else None
+
+
+def is_near_duplicate(
+    kept: Candidate, other: Candidate, limits: FaceThresholds, mirrored: Callable[[Candidate], np.ndarray | None]
+) -> bool:
+    """Whether `other` is `kept`'s picture again: re-encoded, resized, cropped a little, or mirrored
+    (`mirrored` gives kept's face mirrored; asked only for pairs within the mirror-check distance)."""
+    distance = float(np.linalg.norm(kept.face.embedding - other.face.embedding))
+    if distance < limits.near_duplicate_distance:
+        return True
+    if distance >= limits.mirror_check_distance:
+        return False
+    mirror = mirrored(kept)
+    return mirror is not None and float(np.linalg.norm(mirror - other.face.embedding)) < limits.near_duplicate_distance
+
+
+def scored(candidate: Candidate, judges: Sequence[Candidate], vote: float | None) -> Candidate:
+    """The candidate with its similarity (cosine to the unit mean of the judges other than
+    itself; 1.0 when there are none) and its majority distance."""
+    others = [judge.face.embedding for judge in judges if judge.index != candidate.index]
+    similarity = 1.0
+    if others:
+        centre = np.mean(others, axis=0)
+        similarity = float(candidate.face.embedding @ centre / np.linalg.norm(centre))
+    return replace(candidate, scores=replace(candidate.scores, similarity=similarity, majority_distance=vote))
+
+
+def reference_order(candidate: Candidate) -> float:
+    """How well a photo serves as the face portraits are fused from: frontal and typical."""
+    return candidate.scores.angle * candidate.scores.similarity
 
 
 def preprocess(
@@ -494,26 +686,46 @@ def preprocess(
         progress(Progress("preprocess", (index + 1) / steps, f"analysed {name}"))
 
     limits = analyzer.thresholds
-    same_person: list[Candidate] = []
-    if candidates:
-        centre = identity_centre(np.stack([c.face.embedding for c in candidates]), limits.same_person_distance)
-        for candidate in candidates:
-            similarity = float(candidate.face.embedding @ centre)
-            candidate = replace(candidate, scores=replace(candidate.scores, similarity=similarity))
-            if math.sqrt(max(0.0, 2.0 - 2.0 * similarity)) > limits.same_person_distance:
-                decisions[candidate.index] = candidate.refuse("different_person")
-            else:
-                same_person.append(candidate)
+    mirrors: dict[int, np.ndarray | None] = {}
 
-    kept: list[Candidate] = []
-    for candidate in sorted(same_person, key=lambda c: c.rank, reverse=True):
-        if any(
-            np.linalg.norm(candidate.face.embedding - other.face.embedding) < limits.near_duplicate_distance
-            for other in kept
-        ):
-            decisions[candidate.index] = candidate.refuse("near_duplicate")
+    def mirrored(candidate: Candidate) -> np.ndarray | None:
+        if candidate.index not in mirrors:
+            cancel.raise_if_cancelled()
+            mirrors[candidate.index] = mirror_embedding(candidate, analyzer)
+        return mirrors[candidate.index]
+
+    distinct: list[Candidate] = []
+    copies: list[Candidate] = []
+    for candidate in sorted(candidates, key=lambda c: (-c.scores.quality, c.index)):
+        near = any(is_near_duplicate(kept, candidate, limits, mirrored) for kept in distinct)
+        (copies if near else distinct).append(candidate)
+    distinct.sort(key=lambda c: c.index)  # in the person's order: with no two alike, the first leads
+    selection = select_person(np.array([c.face.embedding for c in distinct]), limits.same_person_distance)
+    # Whose likeness the other photos' similarity is to: the double's, or the largest group's.
+    judges = [distinct[i] for i in (selection.people[0] if selection.people else selection.person)]
+    same_person: list[Candidate] = []
+    for number, group in enumerate(selection.people, start=1):
+        for i in group:
+            candidate = scored(distinct[i], [distinct[j] for j in group], selection.majority_distances[i])
+            decisions[candidate.index] = candidate.refuse("several_people", person=number)
+    for i, candidate in enumerate(distinct):
+        if candidate.index in decisions:
+            continue
+        candidate = scored(candidate, judges, selection.majority_distances[i])
+        if i in selection.person:
+            same_person.append(candidate)
         else:
-            kept.append(candidate)
+            decisions[candidate.index] = candidate.refuse("different_person")
+    for candidate in copies:
+        decisions[candidate.index] = scored(candidate, judges, None).refuse("near_duplicate")
+
+    kept = sorted(same_person, key=lambda c: c.rank, reverse=True)
+    held_out = None
+    if len(kept) >= config.held_out_from:
+        held = sorted(kept, key=reference_order, reverse=True)[1]  # the reference is the first
+        kept.remove(held)
+        decisions[held.index] = PhotoDecision(held.name, True, None, held.scores, held_out=True)
+        held_out = HeldOut(held.name, held.face.embedding)
     selected = kept[: config.max_train_photos]
     for candidate in kept[config.max_train_photos :]:
         decisions[candidate.index] = candidate.refuse("not_needed")
@@ -530,7 +742,7 @@ def preprocess(
 
     reference = None
     if selected:
-        best = max(selected, key=lambda c: c.scores.angle * c.scores.similarity)
+        best = max(selected, key=reference_order)
         reference = ReferenceFace(best.name, best.crop)
     progress(Progress("preprocess", 1.0, "done"))
     return PreprocessResult(
@@ -541,6 +753,7 @@ def preprocess(
         reference=reference,
         checks=checks,
         cut_key=key,
+        held_out=held_out,
     )
 
 
@@ -555,6 +768,8 @@ def decision_json(decision: PhotoDecision) -> dict:
         "reason": decision.reason,
         "message": decision.message,
         "scores": scores,
+        "person": decision.person,
+        "held_out": decision.held_out,
     }
 
 
@@ -591,6 +806,9 @@ def write_preprocessed(result: PreprocessResult, out_dir: str | Path) -> dict:
         "cut_key": result.cut_key,
         "reference": reference,
         "train": train,
+        "held_out": None if result.held_out is None else {
+            "name": result.held_out.name, "embedding": result.held_out.embedding.tolist()
+        },
         "photos": [decision_json(decision) for decision in result.decisions],
     }
     (out / "persona.json").write_text(json.dumps(persona, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -620,5 +838,7 @@ def run(args: argparse.Namespace) -> dict:
         "backend": persona["backend"],
         "reference": persona["reference"]["name"] if persona["reference"] else None,
         "train": [item["name"] for item in persona["train"]],
+        "held_out": persona["held_out"]["name"] if persona["held_out"] else None,
+        "people": result.people,
         "photos": persona["photos"],
     }

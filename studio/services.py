@@ -15,7 +15,7 @@ import uuid
 import zipfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import django_rq
 from asgiref.sync import async_to_sync
@@ -42,7 +42,7 @@ from pipeline.common import Cancelled, CancelToken, ProgressCallback, gettext_no
 from pipeline.faces import FaceAnalyzer, largest_face_embeddings, load_face_analyzer
 from pipeline.generate import DiffusionEngine, analyse_template
 from pipeline.models import check_models, load_models
-from pipeline.preprocess import CutOuts, PhotoCheck, PreprocessResult, preprocess, write_preprocessed
+from pipeline.preprocess import CutOuts, PhotoCheck, PreprocessResult, preprocess, turned, write_preprocessed
 from pipeline.swapper import LearnedSwapper
 from pipeline.train import TrainConfig, ValidationTemplate, read_preprocessed, train_persona
 from studio import training_folders
@@ -214,7 +214,7 @@ def _analyses_alone(photo: Photo) -> bool:
         with photo.image.open("rb") as stored:
             data = stored.read()
         (check,) = preprocess([(str(photo.id), data)], face_analyzer()).checks
-        thumbnail_jpeg(data, face=check.face.box if check.face is not None else None, aspect=1.0)
+        thumbnail_jpeg(data, face=check.face.box if check.face is not None else None, aspect=1.0, turn=check.turn)
     except Exception:
         log.exception("photo %s of persona %s cannot be analysed", photo.pk, photo.persona_id)
         return False
@@ -248,7 +248,9 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
     # New photos get their thumbnail here: a square around the face the checks found. Made before
     # the transaction, which holds SQLite's write lock.
     thumbnails = {
-        photo.pk: thumbnail_jpeg(data, face=check.face.box if check.face is not None else None, aspect=1.0)
+        photo.pk: thumbnail_jpeg(
+            data, face=check.face.box if check.face is not None else None, aspect=1.0, turn=check.turn
+        )
         for photo, (_name, data), check in zip(photos, inputs, result.checks)
         if not photo.thumbnail
     }
@@ -343,14 +345,48 @@ def delete_photo(photo: Photo) -> None:
     _analyse_what_is_left(persona)
 
 
+# The reason code of photos that show one of several people (pipeline.preprocess.select_person):
+# nothing is built until the person says who the double is.
+SEVERAL_PEOPLE = "several_people"
+
+
 def delete_refused_photos(persona: Persona) -> None:
-    """Deletes all of a double's refused photos at once: they fill its room of 20 until deleted."""
+    """Deletes all of a double's refused photos at once: they fill its room of 20 until deleted.
+    Photos of several people are not among them: the person chooses between them (choose_person)."""
     _check_photos_can_change(persona)
-    refused = list(persona.photos.filter(status=Photo.Status.REJECTED))
+    refused = list(persona.photos.filter(status=Photo.Status.REJECTED).exclude(reason_code=SEVERAL_PEOPLE))
     if not refused:  # a second click, or an older tab: nothing changed, nothing to analyse
         return
     for photo in refused:
         photo.delete()
+    _analyse_what_is_left(persona)
+
+
+def photo_groups(photos: Sequence[Photo]) -> list[list[Photo]]:
+    """The photos of each person, in the analysis's order, when they show several people; else []."""
+    groups: dict[int, list[Photo]] = {}
+    for photo in photos:
+        if photo.reason_code == SEVERAL_PEOPLE and isinstance(photo.analysis.get("person"), int):
+            groups.setdefault(photo.analysis["person"], []).append(photo)
+    return [groups[number] for number in sorted(groups)]
+
+
+def choose_person(persona: Persona, keep: Collection[int]) -> None:
+    """The person says who the double is when its photos show several people: the other people's
+    photos are deleted (a second person's photos are never used) and those left analysed again.
+
+    `keep` is the chosen group's photo ids as the page showed them; when the groups changed since
+    (an upload or delete in another tab), nothing is deleted and the person chooses again.
+    """
+    _check_photos_can_change(persona)
+    chosen = set(keep)
+    groups = photo_groups(list(persona.photos.all()))
+    if not any({photo.id for photo in group} == chosen for group in groups):
+        raise NotAllowed(_("The photos changed since this page was shown. Please choose again."))
+    for group in groups:
+        if {photo.id for photo in group} != chosen:
+            for photo in group:
+                photo.delete()
     _analyse_what_is_left(persona)
 
 
@@ -409,6 +445,8 @@ def reset_persona_after_stop(job: Job, status: str) -> None:
 
 
 def request_training(persona: Persona, keep_photos: bool = False) -> Job:
+    if persona.photos.filter(reason_code=SEVERAL_PEOPLE).exists():
+        raise NotAllowed(_("These photos show more than one person. Choose who your double is before building it."))
     accepted = persona.photos.filter(status=Photo.Status.ACCEPTED).count()
     if accepted < settings.PHOTOS_NEEDED or not persona.preprocessed:
         needed = settings.PHOTOS_NEEDED
@@ -599,12 +637,13 @@ def template_face_boxes(jpeg: bytes) -> list[list[float]]:
 
 
 def thumbnail_jpeg(
-    data: bytes, size: int = THUMBNAIL_PX, face: Sequence[float] | None = None, aspect: float = 3 / 4
+    data: bytes, size: int = THUMBNAIL_PX, face: Sequence[float] | None = None, aspect: float = 3 / 4, turn: int = 0
 ) -> bytes:
     """A small JPEG; with a face box, a cut of the card's shape (width / height = `aspect`: 3:4 in
     the gallery and album, square for photos) around the face: the cards' centred cut of a tall
-    photo showed a torso without a head."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+    photo showed a torso without a head. `turn`: the quarter turns that set the photo upright (the
+    face checks turn a photo whose face lies on its side; its box is in the turned photo)."""
+    image = turned(Image.open(io.BytesIO(data)).convert("RGB"), turn)
     if face is not None:
         width = min(image.width, image.height * aspect)
         height = width / aspect

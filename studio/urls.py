@@ -12,6 +12,7 @@ urlpatterns = [
     path("personas/<int:persona_id>/photos/", views.photo_upload, name="photo_upload"),
     path("photos/<int:photo_id>/delete/", views.photo_delete, name="photo_delete"),
     path("personas/<int:persona_id>/photos/refused/delete/", views.refused_photos_delete, name="refused_photos_delete"),
+    path("personas/<int:persona_id>/person/", views.person_choose, name="person_choose"),
     path("personas/<int:persona_id>/build/", views.persona_build, name="persona_build"),
     path("personas/<int:persona_id>/delete/", views.persona_delete, name="persona_delete"),
     path("jobs/panel/", views.jobs_panel, name="jobs_panel"),

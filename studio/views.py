@@ -116,7 +116,11 @@ def _persona_page(
         "persona": persona,
         "photos": photos,
         "accepted": accepted,
-        "refused": sum(photo.status == Photo.Status.REJECTED for photo in photos),
+        # Photos of several people wait for the person to choose (services.choose_person), not for a delete.
+        "refused": sum(
+            photo.status == Photo.Status.REJECTED and photo.reason_code != services.SEVERAL_PEOPLE for photo in photos
+        ),
+        "people": services.photo_groups(photos),
         "still_needed": max(0, settings.PHOTOS_NEEDED - accepted),
         "room": settings.PHOTOS_PER_PERSONA - len(photos),
         "has_consent": services.has_face_consent(request.user),
@@ -194,6 +198,16 @@ def photo_delete(request: HttpRequest, photo_id: int) -> HttpResponse:
 def refused_photos_delete(request: HttpRequest, persona_id: int) -> HttpResponse:
     persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
     return _change_photos(request, persona, lambda: services.delete_refused_photos(persona))
+
+
+@login_required
+@require_POST
+def person_choose(request: HttpRequest, persona_id: int) -> HttpResponse:
+    """When the photos show several people: the person says who the double is (the photos of one
+    group, `keep`); the other groups' photos are deleted."""
+    persona = get_object_or_404(Persona, id=persona_id, owner=request.user)
+    keep = {_id(value) for value in request.POST.getlist("keep")}
+    return _change_photos(request, persona, lambda: services.choose_person(persona, keep))
 
 
 def _change_photos(request: HttpRequest, persona: Persona, change: Callable[[], None], done: str = "") -> HttpResponse:
