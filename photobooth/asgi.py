@@ -1,4 +1,4 @@
-"""ASGI entry point for daphne: HTTP goes to Django, /ws/jobs/ to the jobs consumer."""
+"""ASGI entry point: HTTP goes to Django behind the body limits, /ws/jobs/ to the jobs consumer."""
 
 import os
 
@@ -14,13 +14,14 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.urls import path  # noqa: E402
 
+from photobooth.body_limits import BodyLimits  # noqa: E402
 from studio.consumers import JobsConsumer  # noqa: E402
 
 websocket_urlpatterns = [path("ws/jobs/", JobsConsumer.as_asgi())]
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": BodyLimits(django_asgi_app),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -1,8 +1,9 @@
 """Development helpers: a private redis-server, and the all-in-one `run` used by `make run`.
 
-`python -m photobooth.dev run` starts Redis (unless REDIS_URL is set), daphne and an RQ
-worker on the `gpu` and `default` queues, and stops all of them on Ctrl-C. The test
-suite uses `RedisServer` to get its own server on a free port.
+`python -m photobooth.dev run` starts Redis (unless REDIS_URL is set), the web server (granian,
+`web_server_command`) and an RQ worker on the `gpu` and `default` queues, and stops all of them
+on Ctrl-C. The test suite uses `RedisServer` to get its own server on a free port, and
+`web_server_command` to serve the site as `make run` does.
 """
 
 from __future__ import annotations
@@ -71,12 +72,23 @@ class RedisServer:
         self._folder.cleanup()
 
 
+def web_server_command(port: int | str, host: str = "127.0.0.1") -> list[str]:
+    """granian serving photobooth.asgi (HTTP and websockets), one worker process.
+
+    Unlike daphne, it hands request bodies to the app as they arrive, so photobooth.body_limits
+    can refuse an over-long one unread; it also cuts a request whose headers have not arrived in
+    30 s. `asginl`: the app has no lifespan events (with `asgi` granian logs a warning each start).
+    """
+    return [sys.executable, "-m", "granian", "--interface", "asginl", "--host", host, "--port", str(port),
+            "--workers", "1", "--access-log", "photobooth.asgi:application"]
+
+
 def _stop_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def run() -> int:
-    """Redis + daphne on 127.0.0.1:8000 + one RQ worker, until Ctrl-C stops them all."""
+    """Redis + the web server on 127.0.0.1:8000 + one RQ worker, until Ctrl-C stops them all."""
     env = dict(os.environ)
     redis = None
     if not env.get("REDIS_URL"):
@@ -86,8 +98,7 @@ def run() -> int:
     python = sys.executable
     port = env.get("PORT", "8000")
     children = [
-        subprocess.Popen([python, "-m", "daphne", "-b", "127.0.0.1", "-p", port, "photobooth.asgi:application"],
-                         cwd=ROOT, env=env),
+        subprocess.Popen(web_server_command(port), cwd=ROOT, env=env),
         subprocess.Popen([python, "manage.py", "rqworker", "gpu", "default"], cwd=ROOT, env=env),
     ]
     print(f"Photobooth is running at http://127.0.0.1:{port}/ (Ctrl-C stops it).", flush=True)

@@ -1,15 +1,20 @@
-"""Real worker processes for tests, on the test database and the test redis-server."""
+"""Real worker and web server processes for tests, on the test database and the test redis-server."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import dj_database_url
 from django.conf import settings
 from django.db import connection
+
+from photobooth.dev import web_server_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,3 +45,27 @@ def start_worker(*extra: str, **env: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+
+
+def start_web_server(port: int, data_dir: Path, **env: str) -> subprocess.Popen:
+    """The site served as `make run` serves it (photobooth.dev.web_server_command) on this test's
+    database, with `data_dir` as its DATA_DIR; returns once it answers a page."""
+    server = subprocess.Popen(
+        web_server_command(port),
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": database_url_for_processes(), "DATA_DIR": str(data_dir), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/signup/", timeout=2)
+            return server
+        except urllib.error.HTTPError:
+            return server  # it answers
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError(f"the web server did not start: {server.communicate()[0][-4000:]!r}") from None
+            time.sleep(0.3)
