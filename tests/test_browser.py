@@ -1,4 +1,4 @@
-"""The whole journey in real headless Chromium against daphne, Redis and an RQ worker process.
+"""The whole journey in real headless Chromium against the site as `make run` serves it, Redis and a worker.
 
 Screenshots land in PHOTOBOOTH_ARTIFACTS (default: test-artifacts/ in the repository).
 """
@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +16,7 @@ from playwright.sync_api import expect, sync_playwright
 from photobooth.dev import free_port
 from studio.models import Portrait
 from tests.jobs_fixtures import FACES, demo_templates, five_obamas
-from tests.processes import ROOT, start_worker, database_url_for_processes
+from tests.processes import ROOT, start_web_server, start_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ARTIFACTS = Path(os.environ.get("PHOTOBOOTH_ARTIFACTS", ROOT / "test-artifacts"))
@@ -29,25 +25,11 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 @pytest.fixture
 def site(tmp_path):
-    """daphne serving the site on a free port, and a worker, both on this test's database."""
+    """The web server serving the site on a free port, and a worker, both on this test's database."""
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url_for_processes(), "DATA_DIR": str(Path(settings.MEDIA_ROOT).parent)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "photobooth.asgi:application"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    server = start_web_server(port, Path(settings.MEDIA_ROOT).parent)
     worker = start_worker()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/signup/", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("daphne did not start") from None
-            time.sleep(0.3)
-    yield url
+    yield f"http://127.0.0.1:{port}"
     for process in (server, worker):
         process.terminate()
         output, _ = process.communicate(timeout=30)
@@ -55,14 +37,14 @@ def site(tmp_path):
 
 
 def screenshot(page, name: str) -> None:
-    """A full-page screenshot once every image on the page has loaded: each is scrolled into view
-    first (they load lazily), and one that the site failed to serve fails the test."""
-    images = page.locator("img")
-    for index in range(images.count()):
-        image = images.nth(index)
-        image.scroll_into_view_if_needed()
-        expect(image).to_have_js_property("complete", True)
-        assert image.evaluate("image => image.naturalWidth") > 0, image.get_attribute("src")
+    """A full-page screenshot once every image on the page has loaded (lazy ones are made eager),
+    and one that the site failed to serve fails the test. All in the page itself, by no element
+    handle: a live update may replace a panel meanwhile (scrolling to an image of the replaced
+    panel failed with "Element is not attached to the DOM")."""
+    page.evaluate("document.querySelectorAll('img[loading=lazy]').forEach(image => { image.loading = 'eager'; })")
+    page.wait_for_function("[...document.images].every(image => image.complete)")
+    broken = page.evaluate("[...document.images].filter(i => i.complete && i.naturalWidth === 0).map(i => i.src)")
+    assert broken == []
     page.screenshot(path=ARTIFACTS / name, full_page=True)
 
 
