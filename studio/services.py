@@ -44,7 +44,7 @@ from pipeline.generate import DiffusionEngine, analyse_template
 from pipeline.models import check_models, load_models
 from pipeline.preprocess import CutOuts, PhotoCheck, PreprocessResult, preprocess, turned, write_preprocessed
 from pipeline.swapper import LearnedSwapper
-from pipeline.train import TrainConfig, ValidationTemplate, read_preprocessed, train_persona
+from pipeline.train import TrainConfig, ValidationTemplate, read_preprocessed, train_persona, without_identity
 from studio import training_folders
 from studio.models import FaceConsent, Job, Persona, Photo, Portrait, Template, owner_folder
 from studio.uploads import Refusal, RefusedFile, clean_photo, display_name
@@ -802,12 +802,14 @@ def forget_deleted_lora() -> None:
 
 @functools.cache
 def validation_templates() -> tuple[ValidationTemplate, ...]:
-    """The built-in validation templates: the demo portraits and their largest faces."""
+    """The built-in validation templates: the demo portraits and their largest faces, each face
+    blurred past recognition (pipeline.train.without_identity: they are famous people's)."""
     templates = []
     for path in sorted(DEMO_TEMPLATES.glob("*.jpg")):
         image = Image.open(path).convert("RGB")
         face = analyse_template(image, face_analyzer()).face
-        templates.append(ValidationTemplate(image, tuple(int(v) for v in face.box)))
+        template = ValidationTemplate(image, tuple(int(v) for v in face.box))
+        templates.append(without_identity(template, TrainConfig().validation_mask_scale))
     return tuple(templates)
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
+from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.__main__ import main
@@ -23,6 +25,7 @@ from pipeline.train import (
     RESUME_FILE,
     CheckpointResult,
     TrainConfig,
+    ValidationTemplate,
     Validator,
     add_lora,
     centred_templates,
@@ -31,9 +34,11 @@ from pipeline.train import (
     fusion_weights,
     remove_lora,
     train_persona,
+    without_identity,
 )
 from tests.pipeline.tinykit_fixtures import photos, tiny_kit  # noqa: F401 (fixtures)
 
+REPO = Path(__file__).resolve().parents[2]
 # A higher learning rate than production so 4 steps visibly move the tiny model.
 CONFIG = TrainConfig(rank=4, alpha=2, unet_lr=1e-3, text_lr=1e-3, max_steps=4, checkpoint_every=2, validation_steps=3)
 
@@ -311,3 +316,18 @@ def test_lean_lora_forward_trains_the_same_lora_as_peft(models, photos, tmp_path
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key].float(), expected[key].float(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["official-portrait-1.jpg", "official-portrait-2.jpg", "podium.jpg", "astronaut.jpg"])
+def test_validation_templates_show_no_one_in_particular(name, dlib_analyzer):
+    """The demo portraits are famous people: once their face is blurred for validation, dlib no
+    longer finds that person there (farther than the same-person limit, or no face at all)."""
+    image = Image.open(REPO / "studio" / "demo" / name).convert("RGB")
+    face = dlib_analyzer.analyze(image)[0]
+    template = without_identity(ValidationTemplate(image, tuple(int(v) for v in face.box)), CONFIG.validation_mask_scale)
+    x0, y0, x1, y1 = face.box
+    outside = np.ones((image.height, image.width), bool)
+    outside[int(y0 - 0.2 * face.height) : int(y1 + 0.2 * face.height), int(x0 - 0.2 * face.width) : int(x1 + 0.2 * face.width)] = False
+    assert np.array_equal(np.asarray(template.image)[outside], np.asarray(image)[outside])
+    found = [f for f in dlib_analyzer.analyze(template.image) if abs(f.box[0] - x0) < face.width / 2]
+    assert not found or np.linalg.norm(found[0].embedding - face.embedding) > dlib_analyzer.thresholds.same_person_distance
