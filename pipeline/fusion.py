@@ -270,11 +270,11 @@ def fuse_face(
     mask = cv2.erode(cv2.bitwise_and(outline, defined), disk(config.erode * width))
     if not mask.any():
         return Fused(template.copy(), mask, np.zeros(mask.shape, np.float32))
-    # Skin of both faces: neither one's eyes, brows or mouth count toward the tone, and the
-    # source's keep their own colours.
-    grow = config.feature_grow * width
+    # Skin of both faces: neither one's eyes, brows or mouth (grown) count toward the tone, and the
+    # source's own eyes, brows and mouth (not grown: the skin around them is skin) keep their colours.
     skin = cv2.bitwise_and(skin_mask(template_landmarks, size, config.feature_grow), skin_mask(layout, size, config.feature_grow))
-    features = cv2.GaussianBlur(feature_mask(layout, size, grow).astype(np.float32) / 255.0, (0, 0), max(0.5, grow))
+    edge = max(0.5, config.feather * width)
+    features = cv2.GaussianBlur(feature_mask(layout, size, 0).astype(np.float32) / 255.0, (0, 0), edge)
     source_face = np.where(defined[..., None] > 0, warped, template)
     toned = match_tone(source_face, template, skin, config.tone_sigma * width, features)
     weights = blend_rule(layout, template_landmarks, mask, config)
