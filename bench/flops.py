@@ -2,6 +2,7 @@
 
     python bench/flops.py                      # CPU, about a minute; nothing downloads
     python bench/flops.py --peak-tflops 790    # the H200's measured bf16 matmul rate (DESIGN.md)
+    python bench/flops.py --smoke              # seconds: does it still run? (tests/test_bench_smoke.py)
 
 What runs is the real code: `train_persona` and `render_portraits` on the tiny random models,
 with a hook on every UNet, ControlNet, VAE coder and text-encoder call that records its stage,
@@ -32,8 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.generate import SyntheticFaces, random_lora, synthetic_persona_and_templates  # noqa: E402
-from bench.train import SD15_TEXT, SD15_UNET, SD15_VAE, random_models, synthetic_photos  # noqa: E402
+from bench.generate import SyntheticFaces, random_lora, synthetic_persona_and_templates, with_steps  # noqa: E402
+from bench.train import SHAPES, random_models, synthetic_photos  # noqa: E402
 from pipeline.common import Progress  # noqa: E402
 from pipeline.generate import DiffusionEngine, GenerateConfig, render_portraits  # noqa: E402
 from pipeline.models import CONTROLNET_KINDS  # noqa: E402
@@ -42,6 +43,7 @@ from pipeline.train import TrainConfig, add_lora, centred_templates, native_reso
 
 SD15_SIZE = 512
 TRAIN_STEPS, TRAIN_CHECKPOINTS = 2, 2  # the tiny run; the default run has 800 and 8
+SMOKE_STEPS = 4  # --smoke: each portrait pass this long, counted at the tiny shapes (figures of no real run)
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,8 @@ def record_training(models) -> Counter[Call]:
     return recorder.calls
 
 
-def record_portraits(models, batch: int) -> Counter[Call]:
-    config = GenerateConfig(crop_size=native_resolution(models))
+def record_portraits(models, batch: int, steps: int | None = None) -> Counter[Call]:
+    config = with_steps(GenerateConfig(crop_size=native_resolution(models)), steps)
     analyzer = SyntheticFaces()
     persona, templates = synthetic_persona_and_templates(analyzer, config.crop_size, batch)
     engine = DiffusionEngine.from_models(models, config)
@@ -117,13 +119,16 @@ def record_portraits(models, batch: int) -> Counter[Call]:
 
 
 class SD15Flops:
-    """FLOPs of one call at SD1.5's shapes, counted on the meta device (cached per shape)."""
+    """FLOPs of one call at SD1.5's shapes, counted on the meta device (cached per shape); `shapes`
+    "tiny" (--smoke) counts the tiny models' instead, which takes a second, not ten."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, shapes: str = "sd15") -> None:
         from diffusers import ControlNetModel
 
+        unet, vae, text = SHAPES[shapes]
+        self.hidden_size = text["hidden_size"]
         with torch.device("meta"):
-            plain, lora = (build_components(SD15_UNET, SD15_VAE, SD15_TEXT) for _ in range(2))
+            plain, lora = (build_components(unet, vae, text) for _ in range(2))
             self.controlnet = ControlNetModel.from_unet(plain["unet"])
         add_lora(lora["unet"], lora["text_encoder"], TrainConfig(rank=rank))
         self.unet, self.vae, self.text = plain["unet"], plain["vae"], plain["text_encoder"]
@@ -140,7 +145,7 @@ class SD15Flops:
         meta = {"device": "meta"}
         tokens = torch.zeros(1, 77, dtype=torch.long, **meta)
         # In a training step the caption's embedding carries gradients back to the text encoder's LoRA.
-        hidden = torch.zeros(1, 77, SD15_TEXT["hidden_size"], **meta).requires_grad_(training)
+        hidden = torch.zeros(1, 77, self.hidden_size, **meta).requires_grad_(training)
         step = torch.zeros(1, **meta)
         latent_hw = (height // 8, width // 8) if model == "controlnet" else (height, width)
         latents = torch.zeros(1, 4, *latent_hw, **meta)
@@ -195,7 +200,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 rate to take as the floor")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"batch 2, portrait passes of {SMOKE_STEPS} steps, counted at the tiny shapes and "
+                             "rank 4: seconds, to see it still runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.batch = 2
+    portrait_steps = SMOKE_STEPS if args.smoke else None
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
@@ -203,8 +214,8 @@ def main() -> None:
     models = random_models("tiny", torch.device("cpu"))
     for index, kind in enumerate(CONTROLNET_KINDS):
         models.controlnets[kind] = random_controlnet(models.unet, seed=1 + index).eval()
-    scale = SD15_SIZE // native_resolution(models)
-    flops = SD15Flops(rank=TrainConfig.rank)
+    scale = 1 if args.smoke else SD15_SIZE // native_resolution(models)
+    flops = SD15Flops(rank=4, shapes="tiny") if args.smoke else SD15Flops(rank=TrainConfig.rank)
     peak = args.peak_tflops
 
     default = TrainConfig()
@@ -212,10 +223,13 @@ def main() -> None:
     checkpoints = steps // default.checkpoint_every
     repeat = {"training": steps / TRAIN_STEPS, "validating": checkpoints / TRAIN_CHECKPOINTS}
     training = rows_by_model(record_training(models), flops, scale, repeat)
-    one = rows_by_model(record_portraits(models, 1), flops, scale, {})
-    many = rows_by_model(record_portraits(models, args.batch), flops, scale, {})
+    one = rows_by_model(record_portraits(models, 1, portrait_steps), flops, scale, {})
+    many = rows_by_model(record_portraits(models, args.batch, portrait_steps), flops, scale, {})
 
-    print(f"SD1.5 shapes at {SD15_SIZE} px; floors at {peak:.0f} TFLOP/s")
+    shapes = f"SD1.5 shapes at {SD15_SIZE} px"
+    if args.smoke:
+        shapes = f"tiny shapes at {native_resolution(models)} px (--smoke)"
+    print(f"{shapes}; floors at {peak:.0f} TFLOP/s")
     print()
     train_total = print_rows(f"training run ({steps} steps x 4, {checkpoints} checkpoints)", training, peak)
     one_total = print_rows("one portrait", one, peak)

@@ -3,6 +3,8 @@
     python bench/generate.py --engine classic                                  # CPU, real photos
     python bench/generate.py --engine diffusion --shapes tiny --device cpu     # plumbing, < 1 min
     python bench/generate.py --engine diffusion --shapes sd15 --device cuda    # SD1.5 shapes
+    python bench/generate.py --engine classic --smoke                          # seconds: does it still run?
+    python bench/generate.py --engine diffusion --smoke                        # (tests/test_bench_smoke.py)
 
 classic: an Obama persona (../shared/faces, dlib) rendered into each posed template, N portraits at
 512 px on the CPU; templates are analysed first, as the site does at upload. Model loading excluded.
@@ -44,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.common import ignore_progress  # noqa: E402
-from pipeline.faces import DLIB_THRESHOLDS, Face  # noqa: E402
+from pipeline.faces import DLIB_THRESHOLDS, Face, face_recognition_models_dir, hog_box  # noqa: E402
 from pipeline.generate import (  # noqa: E402
     DiffusionEngine,
     GenerateConfig,
@@ -72,19 +74,20 @@ def timed(function, repeats: int, device: torch.device) -> tuple[float, object]:
 # --------------------------------------------------------------------------- classic
 
 
-def bench_classic(faces_dir: Path, rounds: int) -> None:
+def bench_classic(faces_dir: Path, rounds: int, count: int = 4) -> None:
+    """`count`: photos of the persona, and templates (--smoke: 2)."""
     from pipeline.faces import DlibFaceAnalyzer
     from pipeline.preprocess import preprocess, write_preprocessed
 
     started = time.perf_counter()
     analyzer = DlibFaceAnalyzer()
     print(f"model load: {time.perf_counter() - started:.2f} s")
-    names = ("obama.jpg", "obama2.jpg", "obama3.jpg", "obama1.jpg")
+    names = ("obama.jpg", "obama2.jpg", "obama3.jpg", "obama1.jpg")[:count]
     with tempfile.TemporaryDirectory() as folder:
         write_preprocessed(preprocess([(n, (faces_dir / n).read_bytes()) for n in names], analyzer), folder)
         persona = load_persona(folder, analyzer)
     templates = []
-    for name in ("biden.jpg", "biden2.jpg", "obama3.jpg", "alex_lacamoire1.jpg"):
+    for name in ("biden.jpg", "biden2.jpg", "obama3.jpg", "alex_lacamoire1.jpg")[:count]:
         image = Image.open(faces_dir / name).convert("RGB")
         seconds, template = timed(lambda: analyse_template(image, analyzer), 1, torch.device("cpu"))
         templates.append(template)
@@ -102,20 +105,39 @@ def bench_classic(faces_dir: Path, rounds: int) -> None:
 # --------------------------------------------------------------------------- diffusion
 
 
+def with_steps(config: GenerateConfig, steps: int | None) -> GenerateConfig:
+    """Both passes `steps` long instead of EasyPhoto's 50 and 20 (--smoke); None: as they are."""
+    if not steps:
+        return config
+    return replace(config, pass1=replace(config.pass1, steps=steps), pass2=replace(config.pass2, steps=steps))
+
+
 class SyntheticFaces:
     """A face analyser stub: every image has one face at the same relative place (centre, a third
-    of the short side wide), so crops, masks and controls have real geometry without a detector."""
+    of the short side wide), so crops, masks and controls have real geometry without a detector.
+    Its 68 landmarks are dlib's predictor's on the box of those keypoints, as the insightface
+    backend finds them (pipeline.faces): the masks and fusions of the diffusion engine need them."""
 
     name = model_id = "synthetic"
     thresholds = DLIB_THRESHOLDS
     KEYPOINTS = np.array([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]], np.float32)
+
+    def __init__(self) -> None:
+        import dlib
+
+        self._dlib = dlib
+        predictor = face_recognition_models_dir() / "shape_predictor_68_face_landmarks.dat"
+        self._shape68 = dlib.shape_predictor(str(predictor))
 
     def analyze(self, image: Image.Image) -> list[Face]:
         width = min(image.size) / 3
         x0, y0 = (image.width - width) / 2, (image.height - width) / 2
         embedding = np.ones(8, np.float32) / np.sqrt(8)
         keypoints = self.KEYPOINTS * width + np.array([x0, y0], np.float32)
-        return [Face((x0, y0, x0 + width, y0 + width), 1.0, keypoints, embedding)]
+        box = self._dlib.rectangle(*(round(v) for v in hog_box(keypoints)))
+        shape = self._shape68(np.asarray(image.convert("RGB")), box)
+        landmarks = np.array([(point.x, point.y) for point in shape.parts()], np.float32)
+        return [Face((x0, y0, x0 + width, y0 + width), 1.0, keypoints, embedding, landmarks)]
 
 
 def smooth_image(width: int, height: int, seed: int) -> Image.Image:
@@ -131,7 +153,7 @@ def synthetic_persona_and_templates(
     reference = smooth_image(size, size, seed=0)
     reference.save(folder / "reference.png")
     face = analyzer.analyze(reference)[0]
-    persona = Persona(folder, reference, face.keypoints, face.embedding, "phb person")
+    persona = Persona(folder, reference, face, face.embedding, "phb person")
     images = [smooth_image(size * 3 // 2, size * 2, seed=10 + i) for i in range(count)]
     return persona, [TemplateFaces(image, analyzer.analyze(image)) for image in images]
 
@@ -242,7 +264,10 @@ TRIALS = {
 }
 
 
-def bench_diffusion(shapes: str, device: torch.device, batch: int, profile: bool, trials: list[str]) -> None:
+def bench_diffusion(
+    shapes: str, device: torch.device, batch: int, profile: bool, trials: list[str], steps: int | None = None
+) -> None:
+    """`steps`: see with_steps."""
     from bench.train import random_models  # noqa: E402 (bench/ is a namespace package on REPO)
     from pipeline.models import CONTROLNET_KINDS
     from pipeline.tinykit import random_controlnet
@@ -258,7 +283,7 @@ def bench_diffusion(shapes: str, device: torch.device, batch: int, profile: bool
     print(f"device={device} {torch.cuda.get_device_name(device) if cuda else ''} shapes={shapes} size={size} "
           f"dtype={models.dtype} torch={torch.__version__} build_s={time.perf_counter() - started:.1f}", flush=True)
 
-    config = GenerateConfig(crop_size=size)
+    config = with_steps(GenerateConfig(crop_size=size), steps)
     analyzer = SyntheticFaces()
     persona, templates = synthetic_persona_and_templates(analyzer, size, batch)
     lora = random_lora(models, persona.folder)
@@ -348,6 +373,9 @@ def summary_line(one_s: float, many_s: float, batch: int, naive_s: float) -> str
     return f"portrait_s={one_s:.3f} batch{batch}_portraits_per_s={batch / many_s:.2f} naive_portrait_s={naive_s:.3f}"
 
 
+SMOKE_STEPS = 4  # --smoke: a pass runs strength x this many steps (1 or 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=("classic", "diffusion"), default="classic")
@@ -362,6 +390,9 @@ def main() -> None:
                              "important': ControlNets on the conditional half only; changes the output), "
                              "compiled_models (each model compiled whole by inductor)")
     parser.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, to see the benchmark still runs: classic 2 templates once; diffusion tiny "
+                             f"shapes, batch 2, {SMOKE_STEPS} steps a pass")
     args = parser.parse_args()
 
     from diffusers.utils import logging as diffusers_logging
@@ -373,7 +404,9 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)
     if args.engine == "classic":
-        bench_classic(args.faces, args.rounds)
+        bench_classic(args.faces, 1 if args.smoke else args.rounds, 2 if args.smoke else 4)
+    elif args.smoke:
+        bench_diffusion("tiny", device, 2, args.profile, args.trial, steps=SMOKE_STEPS)
     else:
         bench_diffusion(args.shapes, device, args.batch, args.profile, args.trial)
 

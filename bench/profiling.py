@@ -3,10 +3,13 @@
 Used by `bench/train.py --profile` and `bench/generate.py --profile`. Run it on a warm process
 (after cuDNN's algorithm search) and on eager code: the table is GPU time per kernel, which is the
 same in eager and CUDA-graph runs, while the CPU launch gaps it leaves out are what graphs remove.
+
+    python bench/profiling.py --smoke    # the table of a tiny network, seconds (tests/test_bench_smoke.py)
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import time
 from typing import Callable
@@ -76,3 +79,26 @@ def kernel_table(function: Callable[[], object], label: str, top: int = 12) -> s
     for name, (ms, count) in sorted(kernels.items(), key=lambda item: -item[1][0])[:top]:
         lines.append(f"| {name[:100]} | {ms:.1f} | {count} |")
     return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", required=True,
+                        help="profile a tiny convolution and linear layer (alone, this module only does that)")
+    parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    nn = torch.nn
+    network = nn.Sequential(nn.Conv2d(3, 8, 3), nn.SiLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 16)).to(device)
+    images = torch.randn(4, 3, 32, 32, device=device)
+    network(images)  # warm, as the benchmarks profile warm code
+    table = kernel_table(lambda: network(images), "a tiny convolution and linear layer")
+    print(table)
+    launches = int(re.search(r"(\d+) launches", table).group(1))
+    if not launches:
+        raise SystemExit("the profiler recorded no kernel: kernel_table no longer reads its events")
+    print(f"profiled_launches={launches}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 
     python bench/train.py --shapes tiny                  # CPU, under a minute
     python bench/train.py --shapes sd15 --device cuda    # real SD1.5 shapes
+    python bench/train.py --smoke                        # seconds: does it still run? (tests/test_bench_smoke.py)
 
 The naive baseline is the plain diffusers-example loop: fp16 autocast with a loss scaler, batch 1,
 the VAE and the text encoder run for every sample, nothing cached, unfused AdamW. Ours is
@@ -90,6 +91,7 @@ SD15_TEXT = dict(
 SHAPES = {"tiny": (TINY_UNET, TINY_VAE, TINY_TEXT), "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT)}
 DEFAULT_RUN_STEPS, DEFAULT_CHECKPOINTS = 800, 8
 TRIAL_FLAGS = ("compiled_norms", "lean_lora")
+SMOKE_STEPS = 2  # --smoke: our run's steps, and the naive loop's timed samples
 
 
 def random_models(shapes: str, device: torch.device) -> ModelSet:
@@ -248,7 +250,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print kernel tables first (CPU: operator times)")
     parser.add_argument("--trial", action="append", default=[], choices=TRIAL_FLAGS,
                         help="also time our run with this TrainConfig flag off and on (repeatable)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"tiny shapes, {SMOKE_STEPS} steps and {SMOKE_STEPS} naive samples: does it still run?")
     args = parser.parse_args()
+    if args.smoke:
+        args.shapes, args.steps, args.naive_samples = "tiny", SMOKE_STEPS, SMOKE_STEPS
 
     from diffusers.utils import logging as diffusers_logging
 

@@ -24,7 +24,7 @@ def signup(client: Client, headers: dict | None = None, **overrides) -> object:
 def test_signup_creates_account_and_logs_in(client):
     response = signup(client)
     assert response.status_code == 302
-    assert User.objects.filter(username="newperson").exists()
+    assert User.objects.get(username="newperson").email == "new@example.com"
     assert client.get(reverse("home")).context["user"].username == "newperson"
 
 
@@ -70,13 +70,15 @@ def test_signup_does_not_tell_whether_an_email_has_an_account(client, owner):
 
 
 def test_signed_in_person_is_sent_home_from_signup(owner_client):
-    assert owner_client.get(reverse("signup")).status_code == 302
+    response = owner_client.get(reverse("signup"))
+    assert response.status_code == 302 and response["Location"] == reverse("home")
 
 
 def test_login_with_right_password(client, owner):
     response = client.post(reverse("login"), {"username": "owner", "password": PASSWORD})
     assert response.status_code == 302
     assert response["Location"] == reverse("home")
+    assert client.get(reverse("home")).context["user"] == owner
 
 
 def test_wrong_credentials_are_throttled(client, owner, settings):
@@ -104,10 +106,15 @@ def test_post_without_csrf_token_is_refused(owner):
     client = Client(enforce_csrf_checks=True)
     response = client.post(reverse("login"), {"username": "owner", "password": PASSWORD})
     assert response.status_code == 403
-    assert "Traceback" not in response.content.decode()
+    page = response.content.decode()
+    assert "This page is out of date" in page and "Traceback" not in page
+    assert not client.get(reverse("home")).context["user"].is_authenticated
 
 
-def test_logout_needs_post_and_ends_session(owner_client):
+def test_logout_needs_post_and_ends_session(owner_client, owner):
+    """A GET (a link, a prefetch, an image tag on another site) must not log anyone out."""
+    assert owner_client.get(reverse("logout")).status_code == 405
+    assert owner_client.get(reverse("home")).context["user"] == owner
     response = owner_client.post(reverse("logout"))
     assert response.status_code == 302
     assert not owner_client.get(reverse("home")).context["user"].is_authenticated

@@ -54,6 +54,8 @@ def test_signed_out_plain_request_is_redirected_to_login_as_before():
 def test_signed_in_htmx_request_is_answered_by_its_view(owner_client):
     response = owner_client.get(reverse("jobs_panel"), headers={"HX-Request": "true"})
     assert response.status_code == 200 and "HX-Redirect" not in response.headers
+    panel = response.content.decode()
+    assert panel.startswith('<section id="jobs"') and "Nothing is running." in panel
 
 
 @pytest.mark.parametrize(("language", "words"), [("en", "This page is out of date"), ("zh-CN", "这个页面已经过时")])

@@ -27,6 +27,7 @@ def test_staff_adds_a_template_with_a_face(staff_client):
     response = staff_client.post(reverse("template_new"), template_post((FACES / "biden.jpg").read_bytes()))
     assert response.status_code == 302
     template = Template.objects.get()
+    assert (template.title, template.tags, template.uploaded_by.username) == ("Studio", "formal, studio", "staff")
     assert template.published and len(template.face_boxes) == 1
     assert template.thumbnail and max(Image.open(template.thumbnail).size) <= services.THUMBNAIL_PX
 
@@ -80,8 +81,12 @@ def test_staff_are_told_when_a_template_shows_several_faces(staff_client, page):
 
 
 def test_only_staff_reach_the_upload_page(owner_client):
-    assert owner_client.get(reverse("template_new")).status_code == 404
-    assert Client().get(reverse("template_new")).status_code == 302
+    refused = owner_client.get(reverse("template_new"))
+    assert refused.status_code == 404
+    assert "There is nothing here, or it is not yours to see." in refused.content.decode()
+    signed_out = Client().get(reverse("template_new"))
+    assert signed_out.status_code == 302
+    assert signed_out["Location"] == f"{reverse('login')}?next={reverse('template_new')}"
 
 
 def test_gallery_shows_published_templates_and_filters_by_tag(owner_client, owner):
@@ -167,6 +172,9 @@ def test_unpublished_template_files_are_for_staff_only(owner_client, staff_clien
     (draft,) = demo_templates(owner, 1)
     draft.published = False
     draft.save()
-    for name in (draft.image.name, draft.thumbnail.name):
-        assert owner_client.get(reverse("media_file", args=[name])).status_code == 404
-        assert staff_client.get(reverse("media_file", args=[name])).status_code == 200
+    for field in (draft.image, draft.thumbnail):
+        assert owner_client.get(reverse("media_file", args=[field.name])).status_code == 404
+        served = staff_client.get(reverse("media_file", args=[field.name]))
+        assert served.status_code == 200
+        with field.open("rb") as stored:
+            assert b"".join(served.streaming_content) == stored.read()

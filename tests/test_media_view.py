@@ -45,10 +45,26 @@ def test_anonymous_gets_404(photo):
     assert Client().get(media_url(photo.image.name)).status_code == 404
 
 
-@pytest.mark.parametrize("trick", ["users/{id}/../{other}/photos/x.jpg", "users/{id}/./photos/x.jpg", "/etc/passwd", "../db.sqlite3"])
-def test_path_tricks_get_404(owner_client, owner, other_user, trick):
+@pytest.fixture
+def trick_targets(owner, other_user, private_media):
+    """Every file the tricks aim at exists, so only the path check in media_file refuses them."""
+    for name in (f"users/{other_user.id}/photos/x.jpg", f"users/{owner.id}/photos/x.jpg"):
+        assert default_storage.save(name, ContentFile(b"someone's selfie")) == name
+    (private_media.parent / "db.sqlite3").write_bytes(b"the database")
+
+
+@pytest.mark.parametrize(
+    "trick",
+    ["users/{id}/../{other}/photos/x.jpg", "users/{id}/./photos/x.jpg", "/etc/passwd", "../db.sqlite3"],
+)
+def test_path_tricks_get_404(owner_client, owner, other_user, trick_targets, trick):
     name = trick.format(id=owner.id, other=other_user.id)
     assert owner_client.get("/media/" + name).status_code == 404
+
+
+def test_staff_cannot_climb_out_of_the_gallery_into_a_persons_folder(staff_client, other_user, trick_targets):
+    """Staff may read any gallery file: a gallery path that climbs out must not reach a selfie."""
+    assert staff_client.get(f"/media/gallery/../users/{other_user.id}/photos/x.jpg").status_code == 404
 
 
 def test_missing_own_file_gets_404(owner_client, owner):

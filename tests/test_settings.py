@@ -34,6 +34,7 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
 def test_production_configuration_passes_check_deploy(tmp_path):
     result = manage("check", "--deploy", "--fail-level", "WARNING", DATA_DIR=str(tmp_path), **PRODUCTION)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "System check identified no issues (0 silenced)."
 
 
 @pytest.mark.parametrize("missing", ["SECRET_KEY", "ALLOWED_HOSTS"])
@@ -44,20 +45,25 @@ def test_production_without_required_variable_fails_loudly(tmp_path, missing):
     assert f"Set the environment variable {missing}" in result.stderr
 
 
-def database_setting(key: str, **env: str) -> str:
-    code = f"from django.conf import settings; print(settings.DATABASES['default']['{key}'])"
+def database_settings(*keys: str, **env: str) -> list[str]:
+    """The default database's settings `keys`, as a process started with `env` reads them."""
+    code = f"from django.conf import settings; print(*(settings.DATABASES['default'][k] for k in {keys!r}), sep='\\n')"
     result = manage("shell", "--no-imports", "-c", code, **env)
     assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return result.stdout.splitlines()
 
 
 def test_database_url_selects_postgres(tmp_path):
-    engine = database_setting("ENGINE", DATA_DIR=str(tmp_path), DATABASE_URL="postgres://u@127.0.0.1:5432/x")
-    assert engine == "django.db.backends.postgresql"
+    url = "postgres://photobooth:secret@db.example.com:6543/photos"
+    found = database_settings("ENGINE", "NAME", "USER", "PASSWORD", "HOST", "PORT", DATA_DIR=str(tmp_path),
+                              DATABASE_URL=url)
+    assert found == ["django.db.backends.postgresql", "photos", "photobooth", "secret", "db.example.com", "6543"]
 
 
 def test_default_database_is_sqlite_in_the_data_folder(tmp_path):
-    assert database_setting("NAME", DATA_DIR=str(tmp_path)) == str(tmp_path / "db.sqlite3")
+    assert database_settings("ENGINE", "NAME", DATA_DIR=str(tmp_path)) == [
+        "django.db.backends.sqlite3", str(tmp_path / "db.sqlite3")
+    ]
 
 
 def test_env_readers(monkeypatch):
