@@ -457,7 +457,7 @@ def main() -> None:
         f"pending={sum(row['pending'] for row in bursts)} "
         + " ".join(f"p95_{row['database']}_s={row['p95_s']:.2f}" for row in bursts)
         + f" max_file_cpu_s={max(row['cpu_s'] for row in files):.2f}"
-        f" over_limit_413={sum(row['status'] == '413' for row in over)}/{len(over)}"
+        f" over_limit={len(over)} over_limit_413={sum(row['status'] == '413' for row in over)}"
         f" over_limit_answer_s={max(row['answer_s'] for row in over):.2f}"
         f" max_rss_growth_mb={max(row['rss_growth_mb'] for row in bodies):.0f}"
     )

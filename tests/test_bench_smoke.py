@@ -28,6 +28,12 @@ BENCHMARKS = [
     pytest.param(["bench/flops.py"], ["train_run_tflop", "train_floor_s", "portrait_tflop",
                                       "batch2_floor_portraits_per_s"], id="flops"),
     pytest.param(["bench/profiling.py"], ["profiled_launches"], id="profiling"),
+    pytest.param(["bench/fusion.py", "--faces", str(FACES)],
+                 ["worst_identity", "worst_tone", "median_tone", "worst_bleed", "seconds_per_portrait"], id="fusion"),
+    pytest.param(["bench/selection.py", str(FACES)],
+                 ["cases_right", "cases", "genuine_margin_min", "stranger_margin_min", "seconds"], id="selection"),
+    pytest.param(["bench/uploads.py"], ["five_xx", "lost", "pending", "p95_sqlite_s", "max_file_cpu_s", "over_limit",
+                                        "over_limit_413", "over_limit_answer_s", "max_rss_growth_mb"], id="uploads"),
 ]
 
 
