@@ -51,7 +51,9 @@ def check_redis() -> dict:
 
 
 def check_workers() -> dict:
-    """Live RQ workers that listen on the gpu queue (RQ expires a dead worker's heartbeat)."""
+    """Live RQ workers that listen on the gpu queue. A worker's registration expires WORKER_TTL_S
+    after its last beat (studio.worker), so a dead one leaves the count within seconds, and one
+    registers again after a Redis restart."""
     try:
         workers = Worker.all(queue=django_rq.get_queue("gpu"))
         return {**_reached("the worker registry in Redis"), "ok": len(workers) > 0, "gpu_workers": len(workers)}

@@ -1,11 +1,15 @@
 """RQ entry points for the GPU work: build a digital double, make portraits.
 
 Each entry point loads its rows, runs the pipeline with progress and cancel wired to the
-`Job` row (see `JobReporter`), writes artefacts atomically (work in a temporary folder, then
-store under new names and delete the old ones after commit, so running a job twice leaves
-one set of files), and publishes every change to the owner's open pages. Training works in the
-double's training folder instead, kept until the double is stored so a stopped build resumes
+`Job` row (see `JobReporter`), writes artefacts atomically (work in a temporary folder of the
+worker's, then store under new names and delete the old ones after commit, so running a job twice
+leaves one set of files), and publishes every change to the owner's open pages. Training works in
+the double's training folder instead, kept until the double is stored so a stopped build resumes
 (studio.training_folders).
+
+RQ runs a job at least once: a lost worker, a shutdown or a passing failure puts it back in line.
+Results are keyed by what they answer (a portrait by its job and template), so a run does only
+what is missing, and only the run that holds the row (`Job.worker`) may record how it ended.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import time
 import traceback
 import zipfile
 from pathlib import Path
-from tempfile import TemporaryDirectory
 from typing import Callable
 
 from django.conf import settings
@@ -29,11 +32,12 @@ from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 from PIL import Image
 import redis
+import rq
 
 from pipeline.common import CancelToken, Cancelled, Progress, gettext_noop
 from pipeline.generate import GenerateConfig, LoraSource, analyse_template, load_persona, render_portraits
 from studio import services, training_folders
-from studio.models import Job, Persona, Photo
+from studio.models import Job, Persona, Photo, Portrait
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,13 @@ class CannotRun(Exception):
 # Failures that say nothing about the job itself: the job goes back in line, MAX_RETRIES times.
 TRANSIENT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError, InterfaceError)
 MAX_RETRIES = 2
+
+# Set by the worker on its first SIGTERM (studio.worker): the running job stops at its next step.
+worker_stopping = threading.Event()
+
+
+class WorkerStopping(Exception):
+    """The worker is shutting down: the job goes back in line, keeping what it stored."""
 
 
 class JobReporter:
@@ -77,12 +88,22 @@ class JobReporter:
         self._last = now
         self.job.stage = progress.stage[:40]
         self.job.progress = min(1.0, max(0.0, progress.fraction))
-        Job.objects.filter(pk=self.job.pk).update(stage=self.job.stage, progress=self.job.progress)
-        if not Job.objects.filter(pk=self.job.pk, cancel_requested=False).exists():
+        ours = Job.objects.filter(pk=self.job.pk, status=Job.Status.RUNNING, worker=self.job.worker)
+        if not ours.update(stage=self.job.stage, progress=self.job.progress):
+            # Taken for lost and put back in line (or deleted): another run does the rest.
+            self.cancel.cancel()
+        elif ours.filter(cancel_requested=True).exists():
             self.job.cancel_requested = True  # the pages say it is stopping, not running
-            self.cancel.cancel()  # cancelled from the page, or the person deleted their data
-        services.publish_job(self.job)
+            self.cancel.cancel()  # cancelled from the page
+            services.publish_job(self.job)
+        else:
+            services.publish_job(self.job)
         self.cancel.raise_if_cancelled()
+
+    def stop_if_worker_stops(self) -> None:
+        """Called between steps whose work would be lost if cut: a training step, a portrait batch."""
+        if worker_stopping.is_set():
+            raise WorkerStopping()
 
 
 class Heartbeat(threading.Thread):
@@ -102,7 +123,10 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         try:
             while not self._stopped.wait(self.interval_s):
-                Job.objects.filter(pk=self.job_id).update(heartbeat=timezone.now())
+                try:
+                    Job.objects.filter(pk=self.job_id).update(heartbeat=timezone.now())
+                except (OperationalError, InterfaceError):  # SQLite busy, a lost connection: the next beat
+                    log.warning("job %s: a heartbeat was not written", self.job_id, exc_info=True)
         finally:
             connection.close()
 
@@ -111,17 +135,20 @@ class Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
-def _finish(job: Job, status: str, **fields) -> None:
-    """Records the end of a running job, unless it was already failed as lost."""
-    Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(status=status, finished=timezone.now(), **fields)
-    job.refresh_from_db()
-    services.publish_job(job)
+def _worker_name() -> str:
+    """The RQ worker running this job ("" when called outside one, as the tests do)."""
+    current = rq.get_current_job()
+    return (current.worker_name or "") if current is not None else ""
 
 
 def run_job(job_id: int, work: Callable[[Job, JobReporter], None]) -> None:
-    """Runs `work` for a queued Job and records how it ended; then dispatches the next job."""
+    """Runs `work` for a queued Job and records how it ended; then dispatches the next job.
+
+    Every way out leaves the row true: done, cancelled, failed in words, or back in line (a
+    shutdown, a passing failure, SystemExit from a worker that is not ours).
+    """
     started = Job.objects.filter(pk=job_id, status=Job.Status.QUEUED).update(
-        status=Job.Status.RUNNING, started=timezone.now(), heartbeat=timezone.now()
+        status=Job.Status.RUNNING, started=timezone.now(), heartbeat=timezone.now(), worker=_worker_name()
     )
     if not started:
         return  # deleted or cancelled while it waited
@@ -137,40 +164,50 @@ def run_job(job_id: int, work: Callable[[Job, JobReporter], None]) -> None:
             # build was still writing into its training folder goes too.
             training_folders.discard(job.persona_id)
             return
-        _stopped(job, Job.Status.CANCELLED, Persona.Status.CANCELLED)
+        services.end_run(job, Job.Status.CANCELLED, Persona.Status.CANCELLED)
+    except WorkerStopping:
+        log.info("job %s goes back in line: its worker is stopping", job.pk)
+        _back_in_line_unless_cancelled(job)
     except TRANSIENT_ERRORS as error:
         if job.attempts >= MAX_RETRIES:
             _fail(job, error)
             raise
         if not services.retry_job(job):  # cancelled meanwhile: it stops here rather than wait again
-            _stopped(job, Job.Status.CANCELLED, Persona.Status.CANCELLED)
+            services.end_run(job, Job.Status.CANCELLED, Persona.Status.CANCELLED)
             return
         log.warning("job %s met a passing failure (%r); it goes back in line", job.pk, error)
         raise  # RQ keeps this attempt's traceback
     except Exception as error:
         _fail(job, error)
         raise  # RQ keeps the traceback in its failed registry for staff
+    except BaseException:
+        # SystemExit or KeyboardInterrupt raised wherever the job was (a plain RQ worker's cold
+        # shutdown; ours stops in studio.worker): the row must not stay "running".
+        _back_in_line_unless_cancelled(job)
+        raise
     else:
-        _finish(job, Job.Status.SUCCEEDED, progress=1.0)
+        services.end_run(job, Job.Status.SUCCEEDED, progress=1.0)
     finally:
         heartbeat.stop()
-        services.dispatch_waiting_jobs()
+        services.dispatch_soon()
 
 
-def _stopped(job: Job, status: str, persona_status: str, **fields) -> None:
-    """The job's end first, then its double's: a build asked for once the double can be built
-    again never meets this one still counted as running (the one_active_job_per_request rule)."""
-    _finish(job, status, **fields)
-    services.reset_persona_after_stop(job, persona_status)
+def _back_in_line_unless_cancelled(job: Job) -> None:
+    if not services.put_back_in_line(job):
+        services.end_run(job, Job.Status.CANCELLED, Persona.Status.CANCELLED)
 
 
 def _fail(job: Job, error: Exception) -> None:
+    """The job's end first, then its double's (end_run): a build asked for once the double can be
+    built again never meets this one still counted as running (one_active_job_per_request)."""
     log.exception("job %s failed", job.pk)
     if isinstance(error, CannotRun):
         message = str(error)
     else:
         message = FAILED_OUT_OF_MEMORY if _is_out_of_memory(error) else FAILED_UNEXPECTEDLY
-    _stopped(job, Job.Status.FAILED, Persona.Status.FAILED, error_for_person=message, error_detail=traceback.format_exc())
+    services.end_run(
+        job, Job.Status.FAILED, Persona.Status.FAILED, error_for_person=message, error_detail=traceback.format_exc()
+    )
 
 
 def _is_out_of_memory(error: Exception) -> bool:
@@ -201,8 +238,10 @@ def _build_double(job: Job, report: JobReporter) -> None:
         if update.stage == "validating" and persona.status != Persona.Status.VALIDATING:
             services.set_persona_status(persona, Persona.Status.VALIDATING)
         report(update)
+        if update.stage != "validating":  # a checkpoint is written once validated: stop after that
+            report.stop_if_worker_stops()  # the next build resumes from the last checkpoint
 
-    with TemporaryDirectory(prefix="photobooth-double-") as work:
+    with services.job_folder(job, "double") as work:
         folder = Path(work)
         summary = unpack_preprocessed(persona, folder)
         report(Progress("preprocess", 1.0))
@@ -218,7 +257,7 @@ def _build_double(job: Job, report: JobReporter) -> None:
         with transaction.atomic():
             # Locks the job row: a cancel or a "delete my data" either happened (nothing is
             # written) or waits until this double is stored.
-            if not Job.objects.select_for_update().filter(pk=job.pk, cancel_requested=False).exists():
+            if not Job.objects.select_for_update().filter(pk=job.pk, cancel_requested=False, worker=job.worker).exists():
                 raise Cancelled()
             old_files = [getattr(persona, field).name for field in outputs if getattr(persona, field)]
             for field, path in outputs.items():
@@ -253,9 +292,15 @@ def _make_portraits(job: Job, report: JobReporter) -> None:
     templates = list(job.templates.all())
     if not templates:  # staff deleted them while the job waited
         raise CannotRun(TEMPLATES_GONE)
+    # A run after another (a lost worker, a shutdown, asked again after a failure) renders only
+    # the templates that have no portrait yet.
+    done = set(Portrait.objects.filter(job=job).values_list("template_id", flat=True))
+    templates = [template for template in templates if template.pk not in done]
+    if not templates:
+        return
     persona = job.persona
     analyzer = services.face_analyzer()
-    with TemporaryDirectory(prefix="photobooth-portraits-") as work:
+    with services.job_folder(job, "portraits") as work:
         folder = Path(work)
         unpack_preprocessed(persona, folder)
         engine = lora = None
@@ -269,6 +314,7 @@ def _make_portraits(job: Job, report: JobReporter) -> None:
         subject = load_persona(folder, analyzer)
         batches = [templates[start : start + PORTRAIT_BATCH] for start in range(0, len(templates), PORTRAIT_BATCH)]
         for index, batch in enumerate(batches):
+            report.stop_if_worker_stops()  # the batch before is stored; the rest goes back in line
             faces = []
             for template in batch:
                 with template.image.open("rb") as stored:
@@ -285,7 +331,8 @@ def _make_portraits(job: Job, report: JobReporter) -> None:
             )
             for template, result in zip(batch, results):
                 portrait = services.save_portrait(job, template, result.image, result.identity_score)
-                services.publish_portrait(portrait)
+                if portrait is not None:
+                    services.publish_portrait(portrait)
 
 
 # Templates rendered together: a GPU renders 4 in about the time of 1 (see bench/RESULTS.md).

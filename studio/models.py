@@ -225,8 +225,12 @@ class Job(PersonaPart):
     rq_job_id = models.CharField(_("RQ job id"), max_length=64, blank=True)
     cancel_requested = models.BooleanField(_("cancel requested"), default=False)
     attempts = models.PositiveSmallIntegerField(_("retries after passing failures"), default=0)
-    # Written with every progress report; a running job whose heartbeat stops has lost its worker.
+    # Written by a thread of the job's run; a running job whose heartbeat stops has lost its worker.
     heartbeat = models.DateTimeField(_("heartbeat"), null=True, blank=True)
+    # The RQ worker running it: its registration in Redis says within seconds whether it still lives
+    # (studio.services.recover_lost_jobs), and only that run may record how the job ended.
+    worker = models.CharField(_("worker"), max_length=100, blank=True, editable=False)
+    lost_workers = models.PositiveSmallIntegerField(_("workers lost while running it"), default=0)
     started = models.DateTimeField(_("started"), null=True, blank=True)
     finished = models.DateTimeField(_("finished"), null=True, blank=True)
     error_for_person = models.TextField(_("error shown to the person"), blank=True)
@@ -275,6 +279,11 @@ class Portrait(PersonaPart):
         ordering = ["-created"]
         verbose_name = _("portrait")
         verbose_name_plural = _("portraits")
+        constraints = [
+            # A job run again (a retry, a lost worker, a shutdown) renders only what is missing: one
+            # portrait per template asked for. Portraits of deleted jobs or templates (NULL) never clash.
+            models.UniqueConstraint(fields=["job", "template"], name="one_portrait_per_job_and_template"),
+        ]
 
     @property
     def likeness(self) -> int | None:

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
 
 import django_rq
+import redis
 from asgiref.sync import async_to_sync
 from axes.models import AccessAttempt, AccessLog
 from axes.utils import reset as axes_reset
@@ -28,13 +30,14 @@ from django.core.files import File
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
-from django.db import IntegrityError, transaction
-from django.db.models import Exists, F, OuterRef, Q
+from django.db import IntegrityError, models, transaction
+from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.template.loader import render_to_string
 from django.utils import timezone, translation
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 from PIL import Image
+from rq import Worker as RQWorker
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 
@@ -66,8 +69,14 @@ FAILURES_SHOWN_FOR = timedelta(days=1)
 
 def panel_jobs(owner: AbstractBaseUser) -> list[Job]:
     """The jobs panel: what waits or runs, and what failed in the last day and was not asked for
-    again since, so that why it failed can still be read after a reload."""
-    asked_again = Job.objects.filter(persona=OuterRef("persona"), kind=OuterRef("kind"), created__gt=OuterRef("created"))
+    again since (the same build, or portraits of the same templates), so that why it failed can
+    still be read after a reload. A job of theirs whose worker is gone is recovered first: the
+    panel never shows a dead job "running"."""
+    _if_redis_answers(lambda: recover_lost_jobs(Job.objects.filter(owner=owner)), "looking for lost jobs")
+    asked_again = Job.objects.filter(
+        persona=OuterRef("persona"), kind=OuterRef("kind"), templates_key=OuterRef("templates_key"),
+        created__gt=OuterRef("created"),
+    )
     failed_lately = Q(status=Job.Status.FAILED, finished__gte=timezone.now() - FAILURES_SHOWN_FOR) & ~Exists(asked_again)
     shown = Job.objects.filter(Q(status__in=Job.ACTIVE) | failed_lately, owner=owner)
     return list(shown.select_related("persona"))
@@ -87,9 +96,10 @@ def render_live_state(owner: AbstractBaseUser, language: str) -> str:
     return "\n".join(parts)
 
 
-def publish_job(job: Job) -> None:
-    """Sends the job's current state to its owner's open pages as an htmx OOB fragment."""
-    _send(job.owner_id, "studio/_job.html", {"job": job, "oob": True})
+def publish_job(job: Job) -> bool:
+    """Sends the job's current state to its owner's open pages as an htmx OOB fragment; False when
+    Redis cannot be reached (the pages poll until their socket is back)."""
+    return _send(job.owner_id, "studio/_job.html", {"job": job, "oob": True})
 
 
 def enqueue(
@@ -417,19 +427,45 @@ class NotAllowed(Exception):
     """An action the person cannot take now; the message says why, in their words."""
 
 
-def _send(owner_id: int, template: str, context: dict) -> None:
+# Redis going away or not answering: weather, not a bug. Whatever needs it waits for the next
+# try (a worker's maintenance round, the page's next poll) and the database keeps the truth.
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+_redis_unreachable = False  # in this process, since the last step that needed Redis: logged once
+
+
+def _if_redis_answers(step: Callable[[], Any], what: str) -> bool:
+    """Runs a step that needs Redis; False when Redis cannot be reached (logged once an outage)."""
+    global _redis_unreachable
+    try:
+        step()
+    except REDIS_DOWN as error:
+        log.log(logging.DEBUG if _redis_unreachable else logging.WARNING,
+                "Redis cannot be reached (%r): %s is left for later", error, what)
+        _redis_unreachable = True
+        return False
+    if _redis_unreachable:
+        log.warning("Redis answers again")
+        _redis_unreachable = False
+    return True
+
+
+def _send(owner_id: int, template: str, context: dict) -> bool:
     """A fragment to the person's open pages, rendered in each of the site's languages: every
-    page takes the one it is shown in (studio.consumers), whatever language the sender runs in."""
+    page takes the one it is shown in (studio.consumers), whatever language the sender runs in.
+    Live updates are best effort: without Redis the action still happens, and this says False."""
     html = {}
     for language, _name in settings.LANGUAGES:
         with translation.override(language):
             html[language] = render_to_string(template, context)
-    async_to_sync(get_channel_layer().group_send)(user_group(owner_id), {"type": "job.update", "html": html})
+    send = async_to_sync(get_channel_layer().group_send)
+    return _if_redis_answers(lambda: send(user_group(owner_id), {"type": "job.update", "html": html}), "a live update")
 
 
-def publish_persona(persona: Persona) -> None:
+def publish_persona(persona: Persona) -> bool:
     """The new status wherever it is shown; the persona page then fetches what depends on it (site.js)."""
-    _send(persona.owner_id, "studio/_persona_status.html", {"persona": persona, "oob": True})
+    return _send(persona.owner_id, "studio/_persona_status.html", {"persona": persona, "oob": True})
 
 
 def set_persona_status(persona: Persona, status: str) -> None:
@@ -454,6 +490,8 @@ def request_training(persona: Persona, keep_photos: bool = False) -> Job:
             ngettext("Add at least %(count)d good photo first.", "Add at least %(count)d good photos first.", needed)
             % {"count": needed}
         )
+    # A build whose worker died is put back in line (or failed) first: never taken for the one asked.
+    _if_redis_answers(lambda: recover_lost_jobs(Job.objects.filter(persona=persona)), "looking for lost jobs")
     with transaction.atomic():
         # Conditional, so a double-submitted form queues one build, not two.
         claimed = Persona.objects.filter(pk=persona.pk, status__in=RETRYABLE_PERSONA).update(
@@ -468,7 +506,7 @@ def request_training(persona: Persona, keep_photos: bool = False) -> Job:
             raise NotAllowed(_("This double is already being built or is ready."))
         persona.status, persona.keep_photos = Persona.Status.QUEUED, keep_photos
         job = Job.objects.create(persona=persona, kind=Job.Kind.TRAIN)
-        transaction.on_commit(dispatch_waiting_jobs, robust=True)  # Redis down: it waits, logged
+        transaction.on_commit(dispatch_soon, robust=True)  # Redis down: it waits (dispatch_soon)
     return job
 
 
@@ -478,8 +516,10 @@ def request_portraits(persona: Persona, templates: list[Template]) -> Job:
     if not templates:
         raise NotAllowed(_("Pick at least one template."))
     key = Job.templates_key_of(templates)
+    # A request whose worker died is put back in line (or failed) first: never one to fold into.
+    _if_redis_answers(lambda: recover_lost_jobs(Job.objects.filter(persona=persona)), "looking for lost jobs")
     try:
-        return _create_portrait_job(persona, templates, key)
+        return _ask_again_after_failure(persona, key) or _create_portrait_job(persona, templates, key)
     except IntegrityError:
         # The same request, waiting or running (a double click), stands. If it ended in between,
         # this one is asked once more; any other integrity error comes through.
@@ -489,11 +529,32 @@ def request_portraits(persona: Persona, templates: list[Template]) -> Job:
         return asked or _create_portrait_job(persona, templates, key)
 
 
+def _ask_again_after_failure(persona: Persona, key: str) -> Job | None:
+    """The same portraits asked for again after their job failed: that job goes back in line and
+    renders only the templates it has no portrait of yet (its portraits are keyed by job and
+    template), so trying again never puts a portrait in the album twice. None when the last job of
+    this request did not fail."""
+    last = Job.objects.filter(persona=persona, kind=Job.Kind.GENERATE, templates_key=key).order_by("-created").first()
+    if last is None or last.status != Job.Status.FAILED:
+        return None
+    with transaction.atomic():
+        again = Job.objects.filter(pk=last.pk, status=Job.Status.FAILED).update(
+            status=Job.Status.QUEUED, rq_job_id="", worker="", progress=0.0, stage="", attempts=0, lost_workers=0,
+            started=None, finished=None, heartbeat=None, error_for_person="", error_detail="",
+        )
+        if not again:
+            return None
+        transaction.on_commit(dispatch_soon, robust=True)  # Redis down: it waits (dispatch_soon)
+    last.refresh_from_db()
+    publish_job(last)
+    return last
+
+
 def _create_portrait_job(persona: Persona, templates: list[Template], key: str) -> Job:
     with transaction.atomic():
         job = Job.objects.create(persona=persona, kind=Job.Kind.GENERATE, templates_key=key)
         job.templates.set(templates)
-        transaction.on_commit(dispatch_waiting_jobs, robust=True)  # Redis down: it waits, logged
+        transaction.on_commit(dispatch_soon, robust=True)  # Redis down: it waits (dispatch_soon)
     return job
 
 
@@ -516,6 +577,12 @@ def dispatch_waiting_jobs() -> None:
             # Enqueue first: if Redis fails here, the job stays waiting instead of stuck.
             enqueue("gpu", JOB_FUNCTIONS[job.kind], job.id, job_id=rq_job_id, timeout_s=job_timeout_s(job.kind))
             Job.objects.filter(pk=job.pk).update(rq_job_id=rq_job_id)
+
+
+def dispatch_soon() -> bool:
+    """dispatch_waiting_jobs, unless Redis cannot be reached: the jobs wait in the database, and the
+    next worker maintenance round dispatches them (requeue_lost_jobs)."""
+    return _if_redis_answers(dispatch_waiting_jobs, "dispatching waiting jobs")
 
 
 def _dispatch_lock():
@@ -550,60 +617,178 @@ def requeue_lost_jobs() -> int:
     return len(lost)
 
 
-def cancel_job(job: Job) -> None:
-    """A waiting job is removed at once; a running one stops at its next progress report."""
+def cancel_job(job: Job) -> bool:
+    """A waiting job is removed at once; a running one stops at its next progress report.
+
+    Returns False when Redis could not be reached: the job is cancelled all the same (the row is
+    the truth; a worker that takes its old queue entry finds it cancelled), but the person's other
+    pages hear of it only once live updates resume.
+    """
     # Conditional updates: a worker may be starting the job at this very moment.
     stopped = Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(
         status=Job.Status.CANCELLED, finished=timezone.now()
     )
     if stopped:
-        if job.rq_job_id:
-            rq_job = django_rq.get_queue("gpu").fetch_job(job.rq_job_id)
-            if rq_job is not None:
-                rq_job.cancel()
+        live = not job.rq_job_id or _if_redis_answers(lambda: _cancel_queue_entry(job.rq_job_id), "a queue entry's cancel")
         job.refresh_from_db()
         reset_persona_after_stop(job, Persona.Status.CANCELLED)
-        publish_job(job)
-        dispatch_waiting_jobs()
-    elif Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(cancel_requested=True):
+        live = publish_job(job) and live
+        return dispatch_soon() and live
+    if Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(cancel_requested=True):
         job.refresh_from_db()
-        publish_job(job)  # every page of the person's says it is stopping, not only the one that asked
+        return publish_job(job)  # every page of the person's says it is stopping, not only the one that asked
+    return True
+
+
+def _cancel_queue_entry(rq_job_id: str) -> None:
+    rq_job = django_rq.get_queue("gpu").fetch_job(rq_job_id)
+    if rq_job is not None:
+        rq_job.cancel()
+
+
+# --- Jobs: runs that end, runs that are lost -----------------------------------------------
+
+# A worker (studio.worker) beats every WORKER_BEAT_S into its RQ registration, which Redis forgets
+# WORKER_TTL_S after the last beat: then the worker is gone, and so is the run of its job.
+WORKER_BEAT_S = 5
+WORKER_TTL_S = 15
+# A job whose worker died goes back in line this many times (its results are keyed, so a re-run
+# does only what is missing); lost once more, it fails with words the person reads.
+LOST_WORKER_REQUEUES = 1
+
+WORKER_LOST = gettext_noop("The machine working on this stopped. Please try again.")
+
+
+def end_run(job: Job, status: str, persona_status: str | None = None, **fields: Any) -> bool:
+    """Records how a running job ended, then (a build) its double's state; False when this run no
+    longer holds the row: the job was put back in line or ended meanwhile (its worker taken for
+    lost, a cancel), or deleted. Only the run on `job.worker` may end it."""
+    ended = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, worker=job.worker).update(
+        status=status, finished=timezone.now(), **fields
+    )
+    if ended:
+        job.refresh_from_db()
+        publish_job(job)
+        if persona_status:
+            reset_persona_after_stop(job, persona_status)
+    return bool(ended)
+
+
+def put_back_in_line(job: Job, **counted: Any) -> bool:
+    """Puts a running job back in line: it is dispatched again and does only what is missing.
+    False when the person cancelled it meanwhile or this run no longer holds the row."""
+    back = Job.objects.filter(
+        pk=job.pk, status=Job.Status.RUNNING, worker=job.worker, cancel_requested=False
+    ).update(status=Job.Status.QUEUED, rq_job_id="", worker="", progress=0.0, stage="", **counted)
+    if back:
+        job.refresh_from_db()
+        publish_job(job)
+        reset_persona_after_stop(job, Persona.Status.QUEUED)
+    return bool(back)
 
 
 def retry_job(job: Job) -> bool:
     """Puts a job that met a passing failure back in line (studio.jobs decides what passes);
     False when the person cancelled it meanwhile, so it stops instead."""
-    requeued = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, cancel_requested=False).update(
-        status=Job.Status.QUEUED, rq_job_id="", attempts=F("attempts") + 1, progress=0.0, stage=""
-    )
-    if requeued:
-        job.refresh_from_db()
-        publish_job(job)
-    return bool(requeued)
+    return put_back_in_line(job, attempts=F("attempts") + 1)
+
+
+def recover_lost_jobs(jobs: QuerySet[Job] | None = None) -> int:
+    """Ends the runs of running jobs (all, or of `jobs`) whose worker is gone: killed, its machine
+    lost, or exited without ending them. Returns how many.
+
+    A worker's registration lives WORKER_TTL_S past its last beat, so a dead worker's job is found
+    within that and the next look: any worker's maintenance round, a page that shows the job, the
+    same thing asked for again. Nothing is judged while Redis has been up for less than WORKER_TTL_S:
+    after a restart that lost the registrations, live workers register again at their next beat.
+    """
+    running = (jobs if jobs is not None else Job.objects.all()).filter(status=Job.Status.RUNNING).exclude(worker="")
+    running = list(running.select_related("persona"))
+    if not running:
+        return 0
+    connection = django_rq.get_connection("gpu")
+    if connection.info("server")["uptime_in_seconds"] < WORKER_TTL_S:
+        return 0
+    names = sorted({job.worker for job in running})
+    with connection.pipeline() as pipeline:
+        for name in names:
+            key = RQWorker.redis_worker_namespace_prefix + name
+            pipeline.exists(key)
+            pipeline.hexists(key, "death")  # exited: RQ keeps its record a minute
+        answers = pipeline.execute()
+    alive = {name for name, exists, died in zip(names, answers[::2], answers[1::2]) if exists and not died}
+    lost = [job for job in running if job.worker not in alive]
+    for job in lost:
+        log.warning("job %s lost its worker %s", job.pk, job.worker)
+        end_lost_run(job, f"Worker {job.worker} stopped beating (no registration in Redis).", count_as_lost=True)
+    if lost:
+        dispatch_waiting_jobs()
+    return len(lost)
+
+
+def end_lost_run(job: Job, why: str, count_as_lost: bool) -> None:
+    """Ends the run of a job whose worker stopped: cancelled if the person asked; else back in line
+    (a worker that shuts down, or the first worker lost); else failed, and the person reads why.
+    RQ's registries then say the same (its entry moves from "started" to "failed")."""
+    rq_job_id = job.rq_job_id
+    if job.cancel_requested:
+        end_run(job, Job.Status.CANCELLED, Persona.Status.CANCELLED)
+    elif not count_as_lost:
+        put_back_in_line(job)
+    elif job.lost_workers < LOST_WORKER_REQUEUES:
+        put_back_in_line(job, lost_workers=F("lost_workers") + 1)
+    else:
+        end_run(job, Job.Status.FAILED, Persona.Status.FAILED, error_for_person=WORKER_LOST, error_detail=why)
+    if rq_job_id:
+        _if_redis_answers(lambda: _fail_queue_entry(rq_job_id, why), "moving a lost job's queue entry")
+
+
+def put_back_jobs_of_worker(worker: str, why: str) -> int:
+    """The jobs a worker that is stopping right now still runs go back in line (a shutdown is no
+    fault of theirs, and is not counted as a lost worker)."""
+    running = list(Job.objects.filter(status=Job.Status.RUNNING, worker=worker).select_related("persona"))
+    for job in running:
+        end_lost_run(job, why, count_as_lost=False)
+    if running:
+        dispatch_soon()
+    return len(running)
+
+
+def _fail_queue_entry(rq_job_id: str, why: str) -> None:
+    """Moves an RQ entry whose run the site ended from the started registry to the failed one, so
+    the RQ dashboard agrees with the site at once (RQ itself notices after the job's timeout)."""
+    queue = django_rq.get_queue("gpu")
+    entry = queue.fetch_job(rq_job_id)
+    if entry is None or entry.get_status(refresh=False) in RQ_ENDED:
+        return
+    with queue.connection.pipeline() as pipeline:
+        for execution in entry.get_executions():
+            queue.started_job_registry.remove_execution(execution, pipeline=pipeline)
+        entry.set_status(JobStatus.FAILED, pipeline=pipeline)
+        queue.failed_job_registry.add(entry, ttl=settings.JOB_FAILURE_TTL_S, exc_string=why, pipeline=pipeline)
+        pipeline.execute()
 
 
 def recover_abandoned_jobs() -> int:
-    """Fails running jobs whose worker stopped sending heartbeats (killed, machine lost)."""
+    """Fails running jobs whose run stopped writing heartbeats for JOB_HEARTBEAT_TIMEOUT_S though its
+    worker may still be registered (a hung process): the backstop of recover_lost_jobs."""
     limit = timezone.now() - timedelta(seconds=settings.JOB_HEARTBEAT_TIMEOUT_S)
     abandoned = []
     for job in Job.objects.filter(status=Job.Status.RUNNING, heartbeat__lt=limit).select_related("persona"):
+        why = f"No heartbeat since {job.heartbeat.isoformat()}; the worker was lost."
         failed = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, heartbeat__lt=limit).update(
-            status=Job.Status.FAILED,
-            finished=timezone.now(),
-            error_for_person=WORKER_LOST,
-            error_detail=f"No heartbeat since {job.heartbeat.isoformat()}; the worker was lost.",
+            status=Job.Status.FAILED, finished=timezone.now(), error_for_person=WORKER_LOST, error_detail=why,
         )
         if failed:  # not finished or beating again in the meantime
             job.refresh_from_db()
             reset_persona_after_stop(job, Persona.Status.FAILED)
             publish_job(job)
+            if job.rq_job_id:
+                _if_redis_answers(lambda: _fail_queue_entry(job.rq_job_id, why), "moving a lost job's queue entry")
             abandoned.append(job)
     if abandoned:
-        dispatch_waiting_jobs()
+        dispatch_soon()
     return len(abandoned)
-
-
-WORKER_LOST = gettext_noop("The machine working on this stopped. Please try again.")
 
 
 def queue_position(job: Job) -> int | None:
@@ -717,6 +902,7 @@ def delete_all_data(owner: AbstractBaseUser, delete_account: bool) -> None:
     removed whole, so nothing of theirs stays on disk.
     """
     folder = owner_folder(owner.pk)  # before owner.delete() clears the pk
+    owner_id = owner.pk
     _remove_from_queue(Job.objects.filter(owner=owner))
     with transaction.atomic():
         Persona.objects.filter(owner=owner).delete()  # photos, jobs, portraits cascade
@@ -726,6 +912,7 @@ def delete_all_data(owner: AbstractBaseUser, delete_account: bool) -> None:
             AccessLog.objects.filter(username=owner.get_username()).delete()
             owner.delete()
     _delete_folder(folder)
+    discard_job_folders(owner_id)  # this machine's now; other workers' in their next maintenance round
 
 
 def delete_persona(persona: Persona) -> None:
@@ -744,17 +931,22 @@ def delete_persona(persona: Persona) -> None:
             )
         _remove_from_queue(jobs)
         persona.delete()
-        transaction.on_commit(dispatch_waiting_jobs, robust=True)
+        transaction.on_commit(dispatch_soon, robust=True)
 
 
 def _remove_from_queue(jobs) -> None:
-    """Takes the jobs' entries off the gpu queue; a started one stops by itself once its row is gone."""
-    queue = django_rq.get_queue("gpu")
-    for job in jobs:
-        if job.rq_job_id:
-            rq_job = queue.fetch_job(job.rq_job_id)
-            if rq_job is not None and rq_job.get_status(refresh=False) != JobStatus.STARTED:
-                rq_job.delete()
+    """Takes the jobs' entries off the gpu queue; a started one stops by itself once its row is gone.
+    Without Redis the entries stay: a worker that takes one finds no row and does nothing."""
+
+    def remove() -> None:
+        queue = django_rq.get_queue("gpu")
+        for job in jobs:
+            if job.rq_job_id:
+                rq_job = queue.fetch_job(job.rq_job_id)
+                if rq_job is not None and rq_job.get_status(refresh=False) != JobStatus.STARTED:
+                    rq_job.delete()
+
+    _if_redis_answers(remove, "removing queue entries")
 
 
 def _delete_folder(folder: str) -> None:
@@ -848,29 +1040,145 @@ def train_double(
     return outputs, result.best_score
 
 
-def save_portrait(job: Job, template: Template, image: Image.Image, identity: float | None) -> Portrait:
-    """Stores a finished portrait and its thumbnail; a new row, so reruns never overwrite.
+def save_portrait(job: Job, template: Template, image: Image.Image, identity: float | None) -> Portrait | None:
+    """Stores a finished portrait and its thumbnail, once per job and template: None when a run of
+    this job stored that template already (one_portrait_per_job_and_template).
 
-    The job row stays locked while the files and the row are written: deleting the double waits
-    for it (delete_persona), and files whose row could not be written are removed.
+    The files are written first, under new names that no row holds, and stay only when the row
+    commits: whatever stops it (an error, a cancel, the worker's shutdown) removes them, and the
+    files of a worker killed in between are named by no row, so sweep_orphan_files removes them.
+    The job row is locked while the row is written: deleting the double waits (delete_persona),
+    and a cancel, or the run being taken for lost (job.worker), stores nothing more.
     """
     out = io.BytesIO()
     image.convert("RGB").save(out, "JPEG", quality=92)
+    thumbnail = thumbnail_jpeg(out.getvalue(), face=template.face_boxes[0] if template.face_boxes else None)
     portrait = Portrait(persona=job.persona, template=template, job=job, identity_similarity=identity)
-    with transaction.atomic():
-        if not Job.objects.select_for_update().filter(pk=job.pk, cancel_requested=False).exists():
-            raise Cancelled()  # cancelled, or the person deleted the double or their data: write nothing
-        try:
-            portrait.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(out.getvalue()), save=False)
-            thumbnail = thumbnail_jpeg(out.getvalue(), face=template.face_boxes[0] if template.face_boxes else None)
-            portrait.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail), save=False)
+    try:
+        portrait.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(out.getvalue()), save=False)
+        portrait.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail), save=False)
+        with transaction.atomic():
+            if not Job.objects.select_for_update().filter(pk=job.pk, cancel_requested=False, worker=job.worker).exists():
+                raise Cancelled()  # cancelled, lost, or the person deleted the double or their data: write nothing
             portrait.save()
-        except Exception:
-            _delete_stored(portrait.image, portrait.thumbnail)
-            raise
+    except IntegrityError:
+        _delete_stored(portrait.image, portrait.thumbnail)
+        if Portrait.objects.filter(job=job, template=template).exists():
+            return None  # an earlier run of this job stored it
+        raise
+    except BaseException:  # SystemExit too: no file outlives a row that was not written
+        _delete_stored(portrait.image, portrait.thumbnail)
+        raise
     return portrait
 
 
 def publish_portrait(portrait: Portrait) -> None:
     """Adds the new portrait to the owner's open album page."""
     _send(portrait.owner_id, "studio/_portrait_new.html", {"portrait": portrait})
+
+
+# --- What workers leave behind: temporary folders, orphan files --------------------------
+
+def worker_folder(pid: int | None = None) -> Path:
+    """The folder of one worker process (this one by default) for its jobs' temporary folders: face
+    crops, embeddings and LoRA copies of the people whose jobs it runs."""
+    return Path(tempfile.gettempdir()) / f"photobooth-worker-{pid or os.getpid()}"
+
+
+def job_folder(job: Job, what: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder for one run of a job, removed when the run ends however it ends; named by
+    its owner, so that "delete my data" finds it (discard_job_folders)."""
+    root = worker_folder()
+    root.mkdir(mode=0o700, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=f"photobooth-{what}-u{job.owner_id}-j{job.pk}-", dir=root)
+
+
+_WORKER_FOLDER = re.compile(r"^photobooth-worker-(\d+)$")
+
+
+def _worker_folders() -> list[tuple[int, Path]]:
+    root = Path(tempfile.gettempdir())
+    return [(int(match.group(1)), path) for path in root.iterdir() if (match := _WORKER_FOLDER.match(path.name))]
+
+
+def sweep_job_folders() -> int:
+    """Removes what runs left in temporary folders on this machine; returns how many folders went.
+
+    Called between jobs (a worker's maintenance round), so nothing in this process's own folder is
+    in use; the whole folder of a worker process that no longer runs (killed, or stopped without
+    cleaning up) goes too."""
+    removed = 0
+    for pid, folder in _worker_folders():
+        if pid == os.getpid():
+            for leftover in folder.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed += 1
+        elif not _process_runs(pid):
+            removed += sum(1 for _ in folder.iterdir())
+            shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+def discard_job_folders(owner_id: int) -> int:
+    """Removes a person's job folders on this machine at once ("delete my data"); a run of theirs
+    still going finds its row gone at its next step and stops."""
+    removed = 0
+    for _pid, folder in _worker_folders():
+        for leftover in folder.glob(f"photobooth-*-u{owner_id}-j*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+# Files no row names are kept this long: a run writes its files before their row commits (seconds).
+ORPHAN_FILES_AFTER_S = 15 * 60
+
+
+def sweep_orphan_files(older_than_s: float = ORPHAN_FILES_AFTER_S) -> int:
+    """Removes the files in people's media folders that no row names, once older than
+    `older_than_s`: left by a process killed between writing a file and committing its row, or a
+    replaced file whose delete never ran. Returns how many."""
+    removed = 0
+    limit = timezone.now() - timedelta(seconds=older_than_s)
+    try:
+        owners, _files = default_storage.listdir("users")
+    except FileNotFoundError:
+        return 0
+    for owner in owners:
+        if not owner.isdecimal():
+            continue
+        named = _named_files(int(owner))
+        for name in _stored_files(f"users/{owner}"):
+            if name not in named and default_storage.get_modified_time(name) < limit:
+                log.warning("removing %s: no row names it", name)
+                default_storage.delete(name)
+                removed += 1
+    return removed
+
+
+def _named_files(owner_id: int) -> set[str]:
+    """Every file name the person's rows hold."""
+    names = set()
+    for model in (Photo, Persona, Portrait):
+        fields = [field.name for field in model._meta.concrete_fields if isinstance(field, models.FileField)]
+        for row in model.objects.filter(owner_id=owner_id).values_list(*fields):
+            names.update(name for name in row if name)
+    return names
+
+
+def _stored_files(folder: str) -> list[str]:
+    folders, files = default_storage.listdir(folder)
+    found = [f"{folder}/{name}" for name in files]
+    for below in folders:
+        found += _stored_files(f"{folder}/{below}")
+    return found

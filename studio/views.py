@@ -284,14 +284,16 @@ def persona_build(request: HttpRequest, persona_id: int) -> HttpResponse:
 @require_POST
 def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
     job = get_object_or_404(Job, id=job_id, owner=request.user)
-    services.cancel_job(job)
+    live = services.cancel_job(job)  # False: done, but the person's other pages hear of it later
     job.refresh_from_db()
     if request.htmx:
-        return render(request, "studio/_job.html", {"job": job})
+        return render(request, "studio/_job.html", {"job": job, "live_paused": not live})
     if job.status == Job.Status.CANCELLED:
         messages.success(request, _("“%(kind)s” is cancelled.") % {"kind": job.get_kind_display()})
     elif job.cancel_requested:
         messages.info(request, _("“%(kind)s” stops at its next step.") % {"kind": job.get_kind_display()})
+    if not live:
+        messages.info(request, _("Live updates resume shortly."))
     return redirect("home")
 
 
