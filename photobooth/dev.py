@@ -121,7 +121,11 @@ def run() -> int:
             try:
                 child.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                child.kill()
+                child.terminate()  # a second SIGTERM: a worker puts its job back in line and exits within 5 s
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
         if redis:
             redis.stop()
     return exit_code
