@@ -50,3 +50,8 @@ def ready_persona(owner, name: str = "Me") -> Persona:
 def demo_templates(owner, count: int = 2) -> list[Template]:
     names = sorted(services.DEMO_TEMPLATES.glob("*.jpg"))[:count]
     return [services.create_template(path.stem, "demo", path.read_bytes(), uploaded_by=owner) for path in names]
+
+
+def twelve_templates(owner) -> list[Template]:
+    """Enough templates (three of each of four demo images) that a job still runs when a test acts on it."""
+    return [template for _ in range(3) for template in demo_templates(owner, 4)]

@@ -69,3 +69,14 @@ def start_web_server(port: int, data_dir: Path, **env: str) -> subprocess.Popen:
                 server.kill()
                 raise RuntimeError(f"the web server did not start: {server.communicate()[0][-4000:]!r}") from None
             time.sleep(0.3)
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    """Polls `condition` until it returns something true (returned), or fails the test naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

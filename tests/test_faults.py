@@ -36,8 +36,8 @@ from photobooth.dev import redis_server_binary
 from studio import jobs, services
 from studio.models import Job, Portrait
 from studio.worker import COLD_STOP_S, MAINTENANCE_INTERVAL_S, StudioWorker
-from tests.jobs_fixtures import demo_templates, persona_with_photos, ready_persona
-from tests.processes import start_worker
+from tests.jobs_fixtures import demo_templates, persona_with_photos, ready_persona, twelve_templates
+from tests.processes import start_worker, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -68,21 +68,6 @@ def workers(worker_tmp):
             process.kill()
         output, _ = process.communicate(timeout=30)
         print(output.decode(errors="replace")[-5000:])  # shown when a test fails
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def twelve_templates(owner):
-    """Enough templates (three rows of each demo image) that a job still runs when the test acts."""
-    return [template for _ in range(3) for template in demo_templates(owner, 4)]
 
 
 def job_row(job: Job) -> Job:

@@ -23,8 +23,8 @@ from photobooth.asgi import application
 from studio import services
 from studio.models import Job, Persona, Portrait
 from studio.worker import StudioWorker
-from tests.jobs_fixtures import demo_templates, persona_with_photos, ready_persona
-from tests.processes import start_worker
+from tests.jobs_fixtures import persona_with_photos, ready_persona, twelve_templates
+from tests.processes import start_worker, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -40,21 +40,6 @@ def workers():
             process.terminate()
         output, _ = process.communicate(timeout=30)
         print(output.decode(errors="replace")[-6000:])  # shown when a test fails
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def twelve_templates(owner):
-    """Enough distinct templates that a job is still running when the test acts on it."""
-    return [template for _ in range(3) for template in demo_templates(owner, 4)]
 
 
 def socket(client: Client) -> WebsocketCommunicator:
