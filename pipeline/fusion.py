@@ -34,7 +34,6 @@ from scipy.spatial import Delaunay
 # dlib's 68-point layout.
 JAW = slice(0, 17)
 BROWS = slice(17, 27)
-NOSE = slice(27, 36)
 EYES = (slice(36, 42), slice(42, 48))
 MOUTH = slice(48, 68)
 OUTER_LIPS = slice(48, 60)

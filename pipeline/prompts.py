@@ -18,7 +18,6 @@ tokens is encoded exactly as diffusers' `encode_prompt` encodes it.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import TYPE_CHECKING
 
