@@ -22,12 +22,14 @@ from pipeline.fusion import (
 
 @pytest.fixture(scope="module")
 def face_of(dlib_analyzer, face_photo):
-    """(pixels, largest face) of a shared photo."""
+    """(pixels, largest face) of a shared photo, at most 800 px long (biden.jpg is 2204 px tall:
+    fusing at that size only costs the suite time)."""
     cache: dict[str, tuple[np.ndarray, Face]] = {}
 
     def analyse(name: str) -> tuple[np.ndarray, Face]:
         if name not in cache:
             image = face_photo(name)
+            image.thumbnail((800, 800))
             cache[name] = (np.asarray(image), dlib_analyzer.analyze(image)[0])
         return cache[name]
 
