@@ -23,7 +23,7 @@ from photobooth.asgi import application
 from studio import services
 from studio.models import Job, Persona, Portrait
 from studio.worker import StudioWorker
-from tests.jobs_fixtures import persona_with_photos, ready_persona, twelve_templates
+from tests.jobs_fixtures import demo_templates, persona_with_photos, ready_persona, twelve_templates
 from tests.processes import start_worker, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
