@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,33 +30,56 @@ def database_url_for_processes() -> str:
     return f"postgres://{auth}@{config['HOST']}:{config['PORT'] or 5432}/{database['NAME']}"
 
 
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """`command` with its output in a file, not a pipe: a pipe nobody reads while the test runs
+    fills up (granian logs every request) and stops the process at its next line."""
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process.log = log
+    return process
+
+
+def output_of(process: subprocess.Popen) -> str:
+    """What a process started here has printed so far."""
+    process.log.seek(0)
+    return process.log.read().decode(errors="replace")
+
+
+def stop(process: subprocess.Popen, kill: bool = False, timeout_s: float = 30) -> str:
+    """Terminates (or kills) the process and returns its output; one that has not ended in
+    `timeout_s` is killed, so that no test leaves a process running into the next."""
+    if process.poll() is None:
+        process.kill() if kill else process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return output_of(process) + f"\n[killed: still running {timeout_s} s after SIGTERM]"
+    return output_of(process)
+
+
 def start_worker(*extra: str, **env: str) -> subprocess.Popen:
     """`manage.py rqworker gpu default`, the documented worker command, on this test's media and
     training folders."""
-    return subprocess.Popen(
+    return _start(
         [sys.executable, "manage.py", "rqworker", "gpu", "default", *extra],
-        cwd=ROOT,
-        env={
+        {
             **os.environ,
             "DATABASE_URL": database_url_for_processes(),
             "DATA_DIR": str(Path(settings.MEDIA_ROOT).parent),
             "TRAINING_DIR": str(settings.TRAINING_DIR),
             **env,
         },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
     )
 
 
 def start_web_server(port: int, data_dir: Path, **env: str) -> subprocess.Popen:
     """The site served as `make run` serves it (photobooth.dev.web_server_command) on this test's
     database, with `data_dir` as its DATA_DIR; returns once it answers a page."""
-    server = subprocess.Popen(
+    server = _start(
         web_server_command(port),
-        cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": database_url_for_processes(), "DATA_DIR": str(data_dir), **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        {**os.environ, "DATABASE_URL": database_url_for_processes(), "DATA_DIR": str(data_dir), **env},
     )
     deadline = time.monotonic() + 60
     while True:
@@ -66,8 +90,7 @@ def start_web_server(port: int, data_dir: Path, **env: str) -> subprocess.Popen:
             return server  # it answers
         except OSError:
             if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError(f"the web server did not start: {server.communicate()[0][-4000:]!r}") from None
+                raise RuntimeError(f"the web server did not start: {stop(server, kill=True)[-4000:]}") from None
             time.sleep(0.3)
 
 

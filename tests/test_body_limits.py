@@ -27,7 +27,7 @@ from photobooth.body_limits import BodyLimits
 from photobooth.dev import free_port
 from studio import services
 from studio.models import Persona, Photo
-from tests.processes import start_web_server
+from tests.processes import start_web_server, stop
 
 FACES = Path(os.environ.get("PHOTOBOOTH_FACES_DIR", Path(__file__).resolve().parents[2] / "shared" / "faces"))
 SERVER_PHOTO_MAX_MB = 3
@@ -150,9 +150,7 @@ def site(django_db_setup, tmp_path_factory):
     server = start_web_server(port, data_dir, PHOTO_MAX_MB=str(SERVER_PHOTO_MAX_MB),
                               REQUEST_BODY_TIMEOUT_S=str(SERVER_BODY_TIMEOUT_S))
     yield Site(port, data_dir, psutil.Process(server.pid))
-    server.terminate()
-    output, _ = server.communicate(timeout=30)
-    print(output.decode(errors="replace")[-4000:])  # shown when a test fails
+    print(stop(server)[-4000:])  # shown when a test fails
 
 
 def post_head(site: Site, framing: str) -> bytes:

@@ -16,7 +16,7 @@ from playwright.sync_api import expect, sync_playwright
 from photobooth.dev import free_port
 from studio.models import Portrait
 from tests.jobs_fixtures import FACES, demo_templates, five_obamas
-from tests.processes import ROOT, start_web_server, start_worker
+from tests.processes import ROOT, start_web_server, start_worker, stop
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ARTIFACTS = Path(os.environ.get("PHOTOBOOTH_ARTIFACTS", ROOT / "test-artifacts"))
@@ -31,9 +31,7 @@ def site(tmp_path):
     worker = start_worker()
     yield f"http://127.0.0.1:{port}"
     for process in (server, worker):
-        process.terminate()
-        output, _ = process.communicate(timeout=30)
-        print(output.decode(errors="replace")[-4000:])  # shown when the test fails
+        print(stop(process)[-4000:])  # shown when the test fails
 
 
 def screenshot(page, name: str) -> None:

@@ -37,7 +37,7 @@ from studio import jobs, services
 from studio.models import Job, Portrait
 from studio.worker import COLD_STOP_S, MAINTENANCE_INTERVAL_S, StudioWorker
 from tests.jobs_fixtures import demo_templates, persona_with_photos, ready_persona, twelve_templates
-from tests.processes import start_worker, wait_for
+from tests.processes import output_of, start_worker, stop, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -64,10 +64,7 @@ def workers(worker_tmp):
 
     yield start
     for process in started:
-        if process.poll() is None:
-            process.kill()
-        output, _ = process.communicate(timeout=30)
-        print(output.decode(errors="replace")[-5000:])  # shown when a test fails
+        print(stop(process, kill=True)[-5000:])  # shown when a test fails
 
 
 def job_row(job: Job) -> Job:
@@ -284,7 +281,7 @@ def test_a_second_sigterm_stops_the_worker_at_once_and_the_row_goes_back_in_line
     print(f"the worker exited {time.monotonic() - stopped_at:.1f} s after the second SIGTERM")
     row = job_row(job)
     assert (row.status, row.worker) == ("queued", ""), row.error_detail
-    output = worker.stdout.read().decode(errors="replace")
+    output = output_of(worker)
     assert "stopping at once" in output, output[-3000:]  # ours, not RQ's SystemExit wherever the job was
     assert not list(worker_tmp.glob("photobooth-worker-*/*"))
     rq_entry = django_rq.get_queue("gpu").fetch_job(row.rq_job_id)

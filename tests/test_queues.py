@@ -11,7 +11,7 @@ from django.test import Client
 from rq import Worker
 
 from studio import services
-from tests.processes import start_worker
+from tests.processes import output_of, start_worker, stop
 
 
 
@@ -28,8 +28,11 @@ def test_documented_worker_command_runs_jobs_from_both_queues():
     gpu_job = services.enqueue("gpu", "operator.add", 2, 3)
     default_job = services.enqueue("default", "operator.mul", 4, 5)
     worker = start_worker("--burst")
-    output, _ = worker.communicate(timeout=120)
-    assert worker.returncode == 0, output.decode(errors="replace")
+    try:
+        worker.wait(timeout=120)
+    finally:
+        stop(worker)
+    assert worker.returncode == 0, output_of(worker)
     gpu_job.refresh()
     default_job.refresh()
     assert gpu_job.return_value() == 5
@@ -56,8 +59,7 @@ def test_healthz_with_live_worker_is_200():
         assert response.status_code == 200, response.content
         assert response.json()["worker"] == {"ok": True, "gpu_workers": 1}
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        stop(worker)
 
 
 @pytest.mark.django_db

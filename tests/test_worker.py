@@ -24,7 +24,7 @@ from studio import services
 from studio.models import Job, Persona, Portrait
 from studio.worker import StudioWorker
 from tests.jobs_fixtures import demo_templates, persona_with_photos, ready_persona, twelve_templates
-from tests.processes import start_worker, wait_for
+from tests.processes import start_worker, stop, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,10 +36,7 @@ def workers():
     started = []
     yield lambda *args, **env: started.append(start_worker(*args, **env)) or started[-1]
     for process in started:
-        if process.poll() is None:
-            process.terminate()
-        output, _ = process.communicate(timeout=30)
-        print(output.decode(errors="replace")[-6000:])  # shown when a test fails
+        print(stop(process)[-6000:])  # shown when a test fails
 
 
 def socket(client: Client) -> WebsocketCommunicator:
