@@ -229,6 +229,10 @@ TRAIN_CHECKPOINT_EVERY = env_int("TRAIN_CHECKPOINT_EVERY", 100, minimum=1)
 TRAINING_DIR = Path(env_str("TRAINING_DIR", str(DATA_DIR / "training")))
 TRAINING_RESUME_HOURS = env_int("TRAINING_RESUME_HOURS", 24, minimum=0)
 PORTRAIT_SIZE = env_int("PORTRAIT_SIZE", 512, minimum=64)
+# From this many accepted photos one is kept out of training and fusion, and portraits' likeness
+# is measured against it (pipeline.preprocess step 4); below it every photo trains.
+# (7: PreprocessConfig's own default; settings import no pipeline code, which is heavy.)
+HELD_OUT_FROM = env_int("HELD_OUT_FROM", 7, minimum=2)
 
 _EMAIL_HOST = env_str("EMAIL_HOST", "")
 if _EMAIL_HOST:

@@ -25,7 +25,9 @@ Two engines behind `render_portraits`:
      second fusion, and its canny and tile controls are drawn from that same image. Then colour
      transfer of the face toward the template's face (EasyPhoto's "color shift last").
   6. Retouch hook, paste back into the full template, super-resolution hook.
-  7. Identity score: cosine between the output face's embedding and the reference face's.
+  7. Identity score: cosine between the output face's embedding and the reference face's; and,
+     where preprocessing held a photo out of training and fusion, to that photo's (the honest
+     likeness: similarity to the fused reference rewards pasting it).
 
 Every edit is composited through a feathered mask, so pixels away from the face keep the
 template's exact values.
@@ -216,6 +218,7 @@ class Persona:
     reference_face: Face  # its face in reference.png pixels: the fusions warp by its landmarks
     embedding: np.ndarray  # the reference face's identity embedding, unit norm
     caption: str  # the trigger phrase the LoRA was trained with
+    held_out: np.ndarray | None = None  # a photo never trained on nor fused: its embedding, unit norm
 
     @property
     def best_face_path(self) -> Path:
@@ -225,7 +228,8 @@ class Persona:
 
 
 def load_persona(folder: str | Path, analyzer: FaceAnalyzer) -> Persona:
-    """Reads persona.json and reference.png; the embedding is the reference photo's own."""
+    """Reads persona.json and reference.png; the embedding is the reference photo's own, and
+    `held_out` the held-out photo's where preprocessing kept one out."""
     folder = Path(folder)
     record_path = folder / "persona.json"
     if not record_path.is_file():
@@ -247,6 +251,7 @@ def load_persona(folder: str | Path, analyzer: FaceAnalyzer) -> Persona:
         reference_face=reference_face(image, np.asarray(reference["keypoints"], np.float32), analyzer),
         embedding=np.asarray(embedding, np.float32),
         caption=record["caption"],
+        held_out=None if not record.get("held_out") else np.asarray(record["held_out"]["embedding"], np.float32),
     )
 
 
@@ -403,21 +408,26 @@ class PortraitMasks:
 class PortraitResult:
     image: Image.Image  # the template with the persona's face, template size (unless upscaled)
     identity_score: float | None  # cosine to the reference face; None when no face is found
+    held_out_score: float | None  # cosine to the held-out photo; None without a face or such a photo
     engine: str  # "classic" or "diffusion"
     crop: Image.Image  # the rendered crop before paste-back
     window: tuple[float, float, float]  # left, top, side of the crop in template pixels
     masks: PortraitMasks
 
 
-def identity_score(image: Image.Image, face: Face, reference: np.ndarray, analyzer: FaceAnalyzer) -> float | None:
-    """Cosine between the reference embedding and the face found where the template's face was."""
+def rendered_embedding(image: Image.Image, face: Face, analyzer: FaceAnalyzer) -> np.ndarray | None:
+    """The identity embedding of the face found where the template's face was, if one is."""
     centre = np.array([(face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2])
     near = [
         found for found in analyzer.analyze(image)
         if np.linalg.norm(np.array([(found.box[0] + found.box[2]) / 2, (found.box[1] + found.box[3]) / 2]) - centre)
         < face.width / 2
     ]
-    return float(near[0].embedding @ reference) if near else None
+    return near[0].embedding if near else None
+
+
+def cosine_to(embedding: np.ndarray | None, reference: np.ndarray | None) -> float | None:
+    return None if embedding is None or reference is None else float(embedding @ reference)
 
 
 def paste_back(
@@ -816,10 +826,12 @@ def render_portraits(
         face_crop = retouch(Image.fromarray(done.crop))
         alpha = soft(done.masks["paste"], crop.face, config)
         image = upscale(paste_back(template.image, np.asarray(face_crop), crop.window, alpha))
+        embedding = rendered_embedding(face_crop, crop.face, analyzer)
         results.append(
             PortraitResult(
                 image=image,
-                identity_score=identity_score(face_crop, crop.face, persona.embedding, analyzer),
+                identity_score=cosine_to(embedding, persona.embedding),
+                held_out_score=cosine_to(embedding, persona.held_out),
                 engine="classic" if engine is None else "diffusion",
                 crop=face_crop,
                 window=crop.window,
@@ -874,6 +886,9 @@ def run(args: argparse.Namespace) -> dict:
         "engine": result.engine,
         "identity_score": None if result.identity_score is None else round(result.identity_score, 4),
         "likeness": None if result.identity_score is None else round(likeness(result.identity_score, analyzer.thresholds)),
+        "held_out_likeness": (
+            None if result.held_out_score is None else round(likeness(result.held_out_score, analyzer.thresholds))
+        ),
         "template_faces": template.boxes,
         "seconds": round(time.perf_counter() - started, 3),
     }

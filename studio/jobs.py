@@ -330,7 +330,9 @@ def _make_portraits(job: Job, report: JobReporter) -> None:
                 progress=_within(report, index, len(batches)), cancel=report.cancel, swapper=services.face_swapper(),
             )
             for template, result in zip(batch, results):
-                portrait = services.save_portrait(job, template, result.image, result.identity_score)
+                portrait = services.save_portrait(
+                    job, template, result.image, result.identity_score, result.held_out_score
+                )
                 if portrait is not None:
                     services.publish_portrait(portrait)
 

@@ -235,6 +235,9 @@ class Job(PersonaPart):
     finished = models.DateTimeField(_("finished"), null=True, blank=True)
     error_for_person = models.TextField(_("error shown to the person"), blank=True)
     error_detail = models.TextField(_("error detail for staff"), blank=True)
+    # A failure stays in the person's jobs panel until they act on it: this is when they put it
+    # away without trying again (studio.services.panel_jobs).
+    dismissed_at = models.DateTimeField(_("failure put away by the person"), null=True, blank=True)
 
     class Meta:
         ordering = ["-created"]
@@ -266,6 +269,10 @@ class Job(PersonaPart):
         return hashlib.sha256(",".join(str(pk) for pk in sorted({t.pk for t in templates})).encode()).hexdigest()
 
 
+def _likeness(similarity: float | None) -> int | None:
+    return None if similarity is None else round(likeness(similarity, THRESHOLDS[settings.FACE_BACKEND]))
+
+
 class Portrait(PersonaPart):
     """One rendered portrait in a person's private album."""
 
@@ -274,6 +281,9 @@ class Portrait(PersonaPart):
     image = models.ImageField(_("image"), upload_to=upload_portrait)
     thumbnail = models.ImageField(_("thumbnail"), upload_to=upload_portrait, blank=True)
     identity_similarity = models.FloatField(_("identity similarity"), null=True, blank=True)
+    # To the photo preprocessing kept out of training and fusion (pipeline.preprocess step 4), for
+    # doubles that have one: the honest likeness, since the reference is pasted in.
+    held_out_similarity = models.FloatField(_("similarity to the held-out photo"), null=True, blank=True)
 
     class Meta:
         ordering = ["-created"]
@@ -287,11 +297,18 @@ class Portrait(PersonaPart):
 
     @property
     def likeness(self) -> int | None:
-        """The 0-100 likeness people see (pipeline.faces.likeness) of the stored cosine, read with
-        the site's face backend, the one that measured it."""
-        if self.identity_similarity is None:
+        """The 0-100 likeness people see (pipeline.faces.likeness): to the held-out photo where the
+        double has one, else to the reference photo. Read with the site's face backend, the one
+        that measured it."""
+        return _likeness(self.identity_similarity if self.held_out_similarity is None else self.held_out_similarity)
+
+    @property
+    def copy_paste(self) -> int | None:
+        """How many likeness points the portrait is closer to the photo its face was fused from than
+        to the held-out one: near 0 is a likeness of the person, a large gap a pasted photo."""
+        if self.held_out_similarity is None or self.identity_similarity is None:
             return None
-        return round(likeness(self.identity_similarity, THRESHOLDS[settings.FACE_BACKEND]))
+        return _likeness(self.identity_similarity) - _likeness(self.held_out_similarity)
 
     @property
     def file_name(self) -> str:

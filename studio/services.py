@@ -45,7 +45,9 @@ from pipeline.common import Cancelled, CancelToken, ProgressCallback, gettext_no
 from pipeline.faces import FaceAnalyzer, largest_face_embeddings, load_face_analyzer
 from pipeline.generate import DiffusionEngine, analyse_template
 from pipeline.models import check_models, load_models
-from pipeline.preprocess import CutOuts, PhotoCheck, PreprocessResult, preprocess, turned, write_preprocessed
+from pipeline.preprocess import (
+    CutOuts, PhotoCheck, PreprocessConfig, PreprocessResult, preprocess, turned, write_preprocessed,
+)
 from pipeline.swapper import LearnedSwapper
 from pipeline.train import TrainConfig, ValidationTemplate, read_preprocessed, train_persona, without_identity
 from studio import training_folders
@@ -251,7 +253,8 @@ def analyse_persona(persona: Persona) -> PreprocessResult:
         with photo.image.open("rb") as stored:
             inputs.append((str(photo.id), stored.read()))
     known = {str(photo.id): check for photo in photos if (check := _stored_check(photo)) is not None}
-    result = preprocess(inputs, face_analyzer(), known=known, cut=_stored_cuts(persona))
+    config = PreprocessConfig(held_out_from=settings.HELD_OUT_FROM)
+    result = preprocess(inputs, face_analyzer(), config, known=known, cut=_stored_cuts(persona))
     with tempfile.TemporaryDirectory(prefix="photobooth-preprocess-") as folder:
         summary = write_preprocessed(result, folder)
         archive = shutil.make_archive(str(Path(folder).parent / Path(folder).name), "zip", folder)
@@ -1040,7 +1043,9 @@ def train_double(
     return outputs, result.best_score
 
 
-def save_portrait(job: Job, template: Template, image: Image.Image, identity: float | None) -> Portrait | None:
+def save_portrait(
+    job: Job, template: Template, image: Image.Image, identity: float | None, held_out: float | None = None
+) -> Portrait | None:
     """Stores a finished portrait and its thumbnail, once per job and template: None when a run of
     this job stored that template already (one_portrait_per_job_and_template).
 
@@ -1053,7 +1058,9 @@ def save_portrait(job: Job, template: Template, image: Image.Image, identity: fl
     out = io.BytesIO()
     image.convert("RGB").save(out, "JPEG", quality=92)
     thumbnail = thumbnail_jpeg(out.getvalue(), face=template.face_boxes[0] if template.face_boxes else None)
-    portrait = Portrait(persona=job.persona, template=template, job=job, identity_similarity=identity)
+    portrait = Portrait(
+        persona=job.persona, template=template, job=job, identity_similarity=identity, held_out_similarity=held_out
+    )
     try:
         portrait.image.save(f"{uuid.uuid4().hex}.jpg", ContentFile(out.getvalue()), save=False)
         portrait.thumbnail.save(f"{uuid.uuid4().hex}.jpg", ContentFile(thumbnail), save=False)

@@ -15,7 +15,8 @@ from django.contrib.auth import login, logout
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.files.storage import default_storage
-from django.db.models import F, Prefetch, Q
+from django.db.models import Prefetch, Q
+from django.db.models.functions import Coalesce
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -369,10 +370,11 @@ def template_new(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_GET
 def album(request: HttpRequest) -> HttpResponse:
-    """Each double's portraits, newest first, or with `?sort=likeness` most alike first (the
-    likeness grows with the stored cosine; portraits with no face found come last)."""
+    """Each double's portraits, newest first, or with `?sort=likeness` most alike first (by the
+    cosine the likeness shown is read from, Portrait.likeness; no face found comes last)."""
     by_likeness = request.GET.get("sort") == "likeness"
-    order = [F("identity_similarity").desc(nulls_last=True), "-created"] if by_likeness else ["-created"]
+    shown_similarity = Coalesce("held_out_similarity", "identity_similarity")
+    order = [shown_similarity.desc(nulls_last=True), "-created"] if by_likeness else ["-created"]
     portraits = Prefetch("portraits", queryset=Portrait.objects.select_related("template").order_by(*order))
     personas = Persona.objects.filter(owner=request.user).prefetch_related(portraits)
     groups = [(persona, list(persona.portraits.all())) for persona in personas]

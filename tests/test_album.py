@@ -62,3 +62,20 @@ def test_a_portraits_page_says_what_its_likeness_means(portraits, owner_client, 
     assert other_client.get(url).status_code == 404
     assert client.get(url).status_code == 302
     assert other_client.get(reverse("album") + "?sort=likeness").content.decode().count('class="portrait"') == 0
+
+
+def test_the_likeness_shown_is_to_the_held_out_photo_with_the_copy_paste_gap(owner, owner_client):
+    """Where the double has a held-out photo, the likeness shown and sorted by is to that photo; the
+    page also says how much closer the portrait is to the photo fused in (copy-paste)."""
+    persona = Persona.objects.create(owner=owner, name="Me")
+    pasted = Portrait.objects.create(persona=persona, image=jpeg(), identity_similarity=0.99, held_out_similarity=0.90)
+    alike = Portrait.objects.create(persona=persona, image=jpeg(), identity_similarity=0.95, held_out_similarity=0.94)
+    assert pasted.likeness == round(likeness(0.90, DLIB_THRESHOLDS))
+    assert pasted.copy_paste == round(likeness(0.99, DLIB_THRESHOLDS)) - round(likeness(0.90, DLIB_THRESHOLDS)) > 0
+    page = owner_client.get(reverse("portrait", args=[pasted.id])).content.decode()
+    assert f"Likeness {pasted.likeness}/100: how alike our face checker finds this portrait and a photo of yours that was kept out of training." in page
+    assert f"It is {pasted.copy_paste} points more alike to the photo whose face was fused in" in page
+    # Sorted by the likeness shown: the one more like the unseen photo first, though the other is
+    # more like the reference.
+    album = owner_client.get(reverse("album") + "?sort=likeness").content.decode()
+    assert album.index(f'id="portrait-{alike.id}"') < album.index(f'id="portrait-{pasted.id}"')

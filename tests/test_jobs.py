@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from datetime import timedelta
 from pathlib import Path
@@ -102,6 +103,7 @@ def test_portraits_land_in_the_album(owner, owner_client, other_client):
     assert job.status == "succeeded" and len(portraits) == 2
     assert {p.template_id for p in portraits} == {t.id for t in templates}
     assert all(p.identity_similarity is not None and p.identity_similarity > 0.8 for p in portraits)
+    assert all(p.held_out_similarity is None for p in portraits)  # 5 photos: all of them trained
     assert all(Image.open(p.thumbnail).size == (288, 384) for p in portraits)  # the album's 3:4 cards
 
     album = owner_client.get(reverse("album")).content.decode()
@@ -145,6 +147,26 @@ def test_a_running_job_says_how_long_is_left_from_recent_durations(owner, typica
     running = Job.objects.create(owner=owner, persona=persona, kind=Job.Kind.GENERATE, status=Job.Status.RUNNING,
                                  stage="portrait", progress=progress, started=now)
     assert job_state(running) == words
+
+
+def test_portraits_are_measured_against_the_photo_kept_out_of_training(owner, settings):
+    """With enough photos one is held out: never trained on nor fused, and each portrait's likeness
+    is measured against it as well as against the reference."""
+    settings.HELD_OUT_FROM = 5
+    persona = persona_with_photos(owner)
+    (held,) = [photo for photo in persona.photos.all() if photo.analysis["held_out"]]
+    jobs.build_double(services.request_training(persona).id)
+    persona.refresh_from_db()
+    with zipfile.ZipFile(persona.preprocessed.open("rb")) as archive:
+        record = json.loads(archive.read("persona.json"))
+    assert record["held_out"]["name"] == str(held.id)
+    assert str(held.id) not in [item["name"] for item in record["train"]] + [record["reference"]["name"]]
+    job = services.request_portraits(persona, demo_templates(owner, 1))
+    jobs.make_portraits(job.id)
+    (portrait,) = Portrait.objects.filter(job=job)
+    # Another photo of the same person: alike, though less than to the reference fused in.
+    assert portrait.likeness >= 60 and portrait.held_out_similarity < portrait.identity_similarity
+    assert portrait.copy_paste > 0
 
 
 def test_portraits_need_a_ready_double(owner):

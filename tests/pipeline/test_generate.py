@@ -31,7 +31,7 @@ from pipeline.generate import (
     render_portraits,
 )
 from pipeline.models import CONTROLNET_KINDS, load_models
-from pipeline.preprocess import preprocess, write_preprocessed
+from pipeline.preprocess import PreprocessConfig, preprocess, write_preprocessed
 from tests.pipeline.tinykit_fixtures import tiny_kit  # noqa: F401 (fixture; also sets one CPU thread)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -484,3 +484,14 @@ def test_the_portraits_face_ends_in_the_templates_tone(diffusion_run):
 
         drift = face_lab_mean(result.crop) - face_lab_mean(crop_template(template, TINY).image)
         assert np.abs(drift).max() < 2.0  # 4 to 12 without the last colour shift
+
+
+def test_a_portrait_is_also_measured_against_the_held_out_photo(faces_dir, dlib_analyzer, biden, tmp_path):
+    photos = [(name, (faces_dir / name).read_bytes()) for name in OBAMA]
+    write_preprocessed(preprocess(photos, dlib_analyzer, PreprocessConfig(held_out_from=len(OBAMA))), tmp_path)
+    persona = load_persona(tmp_path, dlib_analyzer)
+    assert persona.held_out is not None and float(persona.held_out @ persona.embedding) < 0.999
+    (result,) = render_portraits(persona, [biden], dlib_analyzer)
+    found = dlib_analyzer.analyze(result.crop)[0]
+    assert result.held_out_score == pytest.approx(float(found.embedding @ persona.held_out), abs=1e-5)
+    assert result.identity_score == pytest.approx(float(found.embedding @ persona.embedding), abs=1e-5)
