@@ -66,21 +66,19 @@ def create_persona(owner: AbstractBaseUser, name: str) -> Persona:
     return Persona.objects.create(owner=owner, name=name.strip())
 
 
-FAILURES_SHOWN_FOR = timedelta(days=1)
-
-
 def panel_jobs(owner: AbstractBaseUser) -> list[Job]:
-    """The jobs panel: what waits or runs, and what failed in the last day and was not asked for
-    again since (the same build, or portraits of the same templates), so that why it failed can
-    still be read after a reload. A job of theirs whose worker is gone is recovered first: the
-    panel never shows a dead job "running"."""
+    """The jobs panel: what waits or runs, and every failure the person has not acted on yet, however
+    long ago, so that why it failed can still be read after a reload. A failure goes once they try
+    it again (retry_failed_job), put it away (dismiss_job), ask for the same thing again (a newer
+    job of the same build, or of portraits of the same templates) or delete the double. A job of
+    theirs whose worker is gone is recovered first: the panel never shows a dead job "running"."""
     _if_redis_answers(lambda: recover_lost_jobs(Job.objects.filter(owner=owner)), "looking for lost jobs")
     asked_again = Job.objects.filter(
         persona=OuterRef("persona"), kind=OuterRef("kind"), templates_key=OuterRef("templates_key"),
         created__gt=OuterRef("created"),
     )
-    failed_lately = Q(status=Job.Status.FAILED, finished__gte=timezone.now() - FAILURES_SHOWN_FOR) & ~Exists(asked_again)
-    shown = Job.objects.filter(Q(status__in=Job.ACTIVE) | failed_lately, owner=owner)
+    not_acted_on = Q(status=Job.Status.FAILED, dismissed_at__isnull=True) & ~Exists(asked_again)
+    shown = Job.objects.filter(Q(status__in=Job.ACTIVE) | not_acted_on, owner=owner)
     return list(shown.select_related("persona"))
 
 
@@ -483,16 +481,22 @@ def reset_persona_after_stop(job: Job, status: str) -> None:
         set_persona_status(job.persona, status)
 
 
-def request_training(persona: Persona, keep_photos: bool = False) -> Job:
+def _photos_refusal(persona: Persona) -> str | None:
+    """Why the double cannot be built from its photos as they are; None when it can."""
     if persona.photos.filter(reason_code=SEVERAL_PEOPLE).exists():
-        raise NotAllowed(_("These photos show more than one person. Choose who your double is before building it."))
+        return _("These photos show more than one person. Choose who your double is before building it.")
     accepted = persona.photos.filter(status=Photo.Status.ACCEPTED).count()
     if accepted < settings.PHOTOS_NEEDED or not persona.preprocessed:
         needed = settings.PHOTOS_NEEDED
-        raise NotAllowed(
-            ngettext("Add at least %(count)d good photo first.", "Add at least %(count)d good photos first.", needed)
-            % {"count": needed}
-        )
+        return ngettext(
+            "Add at least %(count)d good photo first.", "Add at least %(count)d good photos first.", needed
+        ) % {"count": needed}
+    return None
+
+
+def request_training(persona: Persona, keep_photos: bool = False) -> Job:
+    if (refusal := _photos_refusal(persona)) is not None:
+        raise NotAllowed(refusal)
     # A build whose worker died is put back in line (or failed) first: never taken for the one asked.
     _if_redis_answers(lambda: recover_lost_jobs(Job.objects.filter(persona=persona)), "looking for lost jobs")
     with transaction.atomic():
@@ -541,16 +545,125 @@ def _ask_again_after_failure(persona: Persona, key: str) -> Job | None:
     if last is None or last.status != Job.Status.FAILED:
         return None
     with transaction.atomic():
-        again = Job.objects.filter(pk=last.pk, status=Job.Status.FAILED).update(
-            status=Job.Status.QUEUED, rq_job_id="", worker="", progress=0.0, stage="", attempts=0, lost_workers=0,
-            started=None, finished=None, heartbeat=None, error_for_person="", error_detail="",
-        )
-        if not again:
+        if not _requeue_failed(last):
             return None
         transaction.on_commit(dispatch_soon, robust=True)  # Redis down: it waits (dispatch_soon)
     last.refresh_from_db()
     publish_job(last)
     return last
+
+
+def _requeue_failed(job: Job) -> int:
+    """Puts a failed job back in line as if new (its portraits stay: a run renders only what is
+    missing); 0 when it is not failed any more (tried again meanwhile). Within a transaction that
+    dispatches on commit. Raises IntegrityError when the same request waits or runs already
+    (one_active_job_per_request)."""
+    return Job.objects.filter(pk=job.pk, status=Job.Status.FAILED).update(
+        status=Job.Status.QUEUED, rq_job_id="", worker="", progress=0.0, stage="", attempts=0, lost_workers=0,
+        started=None, finished=None, heartbeat=None, error_for_person="", error_detail="", cancel_requested=False,
+        dismissed_at=None,
+    )
+
+
+def _same_request_active(job: Job) -> Job | None:
+    """Another job of the same request (the same build, or portraits of the same templates) that
+    waits or runs and is not stopping: what stands when this one is asked for again."""
+    return (
+        Job.objects.filter(
+            persona_id=job.persona_id, kind=job.kind, templates_key=job.templates_key,
+            status__in=Job.ACTIVE, cancel_requested=False,
+        )
+        .exclude(pk=job.pk)
+        .first()
+    )
+
+
+def _missing_templates(job: Job) -> QuerySet[Template]:
+    """The templates of a portrait job that are still there (not deleted) and have no portrait of it yet."""
+    return job.templates.filter(~Exists(Portrait.objects.filter(job=job, template=OuterRef("pk"))))
+
+
+def retry_refusal(job: Job) -> str | None:
+    """Why a failed job cannot be tried again, in the person's words; None when it can (its Retry
+    button shows). It can when trying again answers it: the same request waiting or running
+    already (retry_failed_job answers with that one), or a build of a double that can be built
+    from its photos now, or portraits of a ready double with templates left to render (not all
+    deleted, not all in the album already)."""
+    if job.status != Job.Status.FAILED:
+        return _("Only a job that failed can be tried again.")
+    if _same_request_active(job) is not None:
+        return None
+    persona = job.persona
+    if job.kind == Job.Kind.TRAIN:
+        if persona.status not in RETRYABLE_PERSONA:
+            if Job.objects.filter(persona=persona, kind=Job.Kind.TRAIN, status__in=Job.ACTIVE).exists():
+                return _("The last build of this double is still stopping. Try again in a moment.")
+            return _("This double is already being built or is ready.")
+        return _photos_refusal(persona)
+    if persona.status != Persona.Status.READY:
+        return _("This double is not ready yet.")
+    if not _missing_templates(job).exists():
+        if job.templates.exists():
+            return _("This job has already made every portrait it still can.")
+        return _("The templates you chose were taken out of the gallery. Please choose others.")
+    return None
+
+
+class _Changed(Exception):
+    """The job or its double changed between the checks and the update: look again."""
+
+
+def retry_failed_job(job: Job) -> Job:
+    """Tries a failed job again: the same row goes back in line (waiting, its error cleared) and is
+    dispatched as a new job is. Its results are keyed by job, so portraits render only the
+    templates it has no portrait of yet, and a build resumes from its double's last checkpoint.
+
+    Returns the job that answers the request: this one, or the same request already waiting or
+    running (a double click, another tab, the same thing asked for again), which then stands and
+    this failure is put away. NotAllowed (retry_refusal) says why it cannot be tried again.
+    """
+    # A job whose worker died is put back in line (or failed) first: never one to answer with.
+    _if_redis_answers(lambda: recover_lost_jobs(Job.objects.filter(persona_id=job.persona_id)), "looking for lost jobs")
+    for _attempt in range(2):  # once more when it changed under our feet
+        job.refresh_from_db()
+        if job.is_active and not job.cancel_requested:
+            return job  # tried again twice (a double click): the first try stands
+        if (standing := _same_request_active(job)) is not None:
+            dismiss_job(job)
+            return standing
+        if (refusal := retry_refusal(job)) is not None:
+            raise NotAllowed(refusal)
+        try:
+            with transaction.atomic():
+                if not _requeue_failed(job):
+                    raise _Changed()
+                if job.kind == Job.Kind.TRAIN and not Persona.objects.filter(
+                    pk=job.persona_id, status__in=RETRYABLE_PERSONA
+                ).update(status=Persona.Status.QUEUED):
+                    raise _Changed()  # a build started meanwhile, or the double was built
+                transaction.on_commit(dispatch_soon, robust=True)  # Redis down: it waits (dispatch_soon)
+        except (_Changed, IntegrityError):  # the same request was made meanwhile
+            continue
+        job.refresh_from_db()
+        if job.kind == Job.Kind.TRAIN:
+            job.persona.refresh_from_db()
+            publish_persona(job.persona)
+        publish_job(job)
+        return job
+    raise NotAllowed(_("This job changed while you asked. Please reload the page."))
+
+
+def dismiss_job(job: Job) -> bool:
+    """Puts a failure away from the person's jobs panel (on all their pages) without trying it
+    again. False when the job is not failed (tried again meanwhile, say): nothing changes."""
+    Job.objects.filter(pk=job.pk, status=Job.Status.FAILED, dismissed_at__isnull=True).update(
+        dismissed_at=timezone.now()
+    )
+    job.refresh_from_db()
+    put_away = job.status == Job.Status.FAILED and job.dismissed_at is not None
+    if put_away:
+        publish_job(job)
+    return put_away
 
 
 def _create_portrait_job(persona: Persona, templates: list[Template], key: str) -> Job:
@@ -671,9 +784,9 @@ def end_run(job: Job, status: str, persona_status: str | None = None, **fields: 
     )
     if ended:
         job.refresh_from_db()
-        publish_job(job)
         if persona_status:
             reset_persona_after_stop(job, persona_status)
+        publish_job(job)  # after its double's state: whether it can be tried again depends on it
     return bool(ended)
 
 

@@ -26,6 +26,7 @@ from django.utils.translation import ngettext
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django.views.decorators.vary import vary_on_headers
+from django_htmx.http import reswap, retarget
 
 from studio import health, services
 from studio.forms import DeleteDataForm, FaceConsentForm, PersonaForm, PhotoUploadForm, SignupForm, TemplateForm
@@ -295,6 +296,47 @@ def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
         messages.info(request, _("“%(kind)s” stops at its next step.") % {"kind": job.get_kind_display()})
     if not live:
         messages.info(request, _("Live updates resume shortly."))
+    return redirect("home")
+
+
+@login_required
+@require_POST
+def job_retry(request: HttpRequest, job_id: int) -> HttpResponse:
+    """Tries a failed job again. htmx gets the job's fragment, waiting again (or with why it cannot
+    be tried again); when the same request already waits or runs, the whole panel, which shows that
+    one, with a word that it is on its way."""
+    job = get_object_or_404(Job, id=job_id, owner=request.user)
+    try:
+        standing = services.retry_failed_job(job)
+    except services.NotAllowed as refusal:
+        if request.htmx:
+            return render(request, "studio/_job.html", {"job": job, "refusal": str(refusal)})
+        messages.error(request, str(refusal))
+        return redirect("home")
+    kind = {"kind": standing.get_kind_display()}
+    if standing.pk == job.pk:
+        if request.htmx:
+            return render(request, "studio/_job.html", {"job": standing})
+        messages.success(request, _("“%(kind)s” is back in line.") % kind)
+        return redirect("home")
+    on_its_way = _("“%(kind)s” is already on its way.") % kind
+    if request.htmx:
+        response = render(request, "studio/_jobs.html", {"jobs": services.panel_jobs(request.user), "notice": on_its_way})
+        return retarget(reswap(response, "outerHTML"), "#jobs")
+    messages.info(request, on_its_way)
+    return redirect("home")
+
+
+@login_required
+@require_POST
+def job_dismiss(request: HttpRequest, job_id: int) -> HttpResponse:
+    """Puts a failed job away from the jobs panel; htmx gets its fragment (hidden once put away)."""
+    job = get_object_or_404(Job, id=job_id, owner=request.user)
+    put_away = services.dismiss_job(job)
+    if request.htmx:
+        return render(request, "studio/_job.html", {"job": job})
+    if put_away:
+        messages.success(request, _("“%(kind)s” is removed from your jobs.") % {"kind": job.get_kind_display()})
     return redirect("home")
 
 

@@ -14,6 +14,8 @@ HTMX_URLS = [
     ("post", "photo_upload", [1]),
     ("post", "photo_delete", [1]),
     ("post", "job_cancel", [1]),
+    ("post", "job_retry", [1]),
+    ("post", "job_dismiss", [1]),
     ("get", "jobs_panel", []),
 ]
 

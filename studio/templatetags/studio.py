@@ -38,3 +38,9 @@ def job_state(job: Job) -> str:
             "minutes": minutes
         }
     return text
+
+
+@register.filter
+def can_retry(job: Job) -> bool:
+    """Whether a failed job's Retry button shows: trying again would answer it (services.retry_refusal)."""
+    return services.retry_refusal(job) is None
