@@ -213,17 +213,22 @@ def check_models(folder: str | Path, verify: bool = True) -> list[ModelStatus]:
     return statuses
 
 
-def fetch_models(folder: str | Path, progress: ProgressCallback = ignore_progress) -> list[ModelStatus]:
-    """Downloads every production model that is missing or damaged, checks pinned hashes, records all.
+def fetch_models(
+    folder: str | Path,
+    progress: ProgressCallback = ignore_progress,
+    specs: tuple[ModelSpec, ...] = PRODUCTION_MODELS,
+) -> list[ModelStatus]:
+    """Downloads every model of `specs` that is missing or damaged, checks pinned hashes, records all.
 
-    The only function in the pipeline that reaches the network (through huggingface_hub).
+    The only function in the pipeline that reaches the network (through huggingface_hub, from the
+    hub HF_ENDPOINT names). `specs` is the production list but for tests, which pin checksums.
     """
     from huggingface_hub import hf_hub_download
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     recorded = {f"{path}/{name}": sha for _, path, _, files in _expected_files(folder) for name, sha in files.items()}
-    jobs = [(spec, f) for spec in PRODUCTION_MODELS for f in spec.files]
+    jobs = [(spec, f) for spec in specs for f in spec.files]
     for index, (spec, hub_file) in enumerate(jobs):
         target = folder / spec.path / hub_file.filename
         progress(Progress("fetching", index / len(jobs), f"{spec.name}: {hub_file.filename}"))
@@ -240,7 +245,7 @@ def fetch_models(folder: str | Path, progress: ProgressCallback = ignore_progres
         if hub_file.sha256 is not None and sha256_file(target) != hub_file.sha256:
             target.unlink()
             raise ValueError(f"{hub_file.repo_id}/{hub_file.filename} does not match its pinned sha256")
-    write_manifest(folder, PRODUCTION_MODELS, source="huggingface hub")
+    write_manifest(folder, specs, source="huggingface hub")
     progress(Progress("fetching", 1.0, "done"))
     return check_models(folder, verify=False)
 

@@ -13,8 +13,8 @@ class Command(BaseCommand):
         settings.MODEL_DIR.mkdir(parents=True, exist_ok=True)
         try:
             statuses = fetch_models(settings.MODEL_DIR)
-        except OSError as error:
-            raise CommandError(f"Could not download the models: {error}") from error
+        except Exception as error:  # a network, disk or checksum failure: said in one line, not a traceback
+            raise CommandError(f"Could not download the models: {type(error).__name__}: {error}") from error
         for status in statuses:
             self.stdout.write(f"{status.state:8} {status.name}" + (f": {status.detail}" if status.detail else ""))
         if not all(status.ready for status in statuses):
