@@ -33,6 +33,7 @@ from django.utils import timezone
 from PIL import Image
 import redis
 import rq
+from rq.timeouts import JobTimeoutException
 
 from pipeline.common import CancelToken, Cancelled, Progress, gettext_noop
 from pipeline.generate import GenerateConfig, LoraSource, analyse_template, load_persona, render_portraits
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 # What a person reads when a job fails (translated when shown); staff get the traceback.
 FAILED_OUT_OF_MEMORY = gettext_noop(
     "The graphics card ran out of memory while working on this. Please try again in a few minutes."
+)
+# RQ's timeout (studio.services.job_timeout_s) stopped the job: the worker goes on to the next one.
+FAILED_TIMED_OUT = gettext_noop(
+    "This took longer than the time allowed and was stopped. Please try again; if it happens again, tell us."
 )
 FAILED_UNEXPECTEDLY = gettext_noop("Something went wrong on our side. You can try again; our staff can see what happened.")
 TEMPLATES_GONE = gettext_noop(
@@ -203,6 +208,8 @@ def _fail(job: Job, error: Exception) -> None:
     log.exception("job %s failed", job.pk)
     if isinstance(error, CannotRun):
         message = str(error)
+    elif isinstance(error, JobTimeoutException):  # raised by RQ's alarm wherever the job was
+        message = FAILED_TIMED_OUT
     else:
         message = FAILED_OUT_OF_MEMORY if _is_out_of_memory(error) else FAILED_UNEXPECTEDLY
     services.end_run(
