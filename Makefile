@@ -29,5 +29,8 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(BROWSER_PACKAGES); \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq $(BROWSER_PACKAGES); fi; }
 
+# Two processes (pytest-xdist), each with its own Redis, data folder and test database; whole
+# modules go to one process (--dist loadfile). TEST_PROCESSES=1 runs them in this one.
+TEST_PROCESSES ?= 2
 test: install chromium
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 1,$(TEST_PROCESSES)),,-n $(TEST_PROCESSES) --dist loadfile)

@@ -22,9 +22,17 @@ _data_dir: tempfile.TemporaryDirectory | None = None
 def pytest_load_initial_conftests(early_config, parser, args) -> None:
     global _server, _data_dir
     _server = RedisServer()
-    _data_dir = tempfile.TemporaryDirectory(prefix="photobooth-test-data-")
+    # In the system's temporary folder, not in the one a parent run gave (xdist's workers inherit
+    # it): nested, the paths grew past what a unix socket takes (Chromium's failed to start).
+    base = os.environ.setdefault("PHOTOBOOTH_TEST_SYSTEM_TMPDIR", tempfile.gettempdir())
+    _data_dir = tempfile.TemporaryDirectory(prefix="photobooth-test-data-", dir=base)
     os.environ["REDIS_URL"] = _server.url
     os.environ["DATA_DIR"] = _data_dir.name
+    # Temporary files too (the workers' job folders among them), here and in the processes the
+    # tests start: one run's, or one xdist worker's, never seen by another.
+    temporary = os.path.join(_data_dir.name, "tmp")
+    os.mkdir(temporary)
+    os.environ["TMPDIR"] = tempfile.tempdir = temporary
 
 
 def pytest_unconfigure(config) -> None:

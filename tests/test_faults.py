@@ -24,6 +24,8 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.management import call_command
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
@@ -34,7 +36,7 @@ import tests.redis_plugin
 from photobooth.asgi import application
 from photobooth.dev import redis_server_binary
 from studio import jobs, services
-from studio.models import Job, Portrait
+from studio.models import Job, Portrait, upload_portrait
 from studio.worker import COLD_STOP_S, MAINTENANCE_INTERVAL_S, StudioWorker
 from tests.jobs_fixtures import demo_templates, persona_with_photos, ready_persona, twelve_templates
 from tests.processes import output_of, start_worker, stop, wait_for
@@ -232,12 +234,15 @@ def test_migration_0010_keeps_the_first_of_repeated_portraits(owner):
     assert services.default_storage.exists(kept.image.name)
 
 
-def stored_portrait(job: Job, template) -> Portrait:
-    """A portrait row and its file, written as save_portrait did before 0010 (no key, no job lock)."""
-    portrait = Portrait(persona=job.persona, template=template, job=job)
-    portrait.image.save("portrait.jpg", ContentFile(b"a portrait"), save=False)
-    portrait.save()
-    return portrait
+def stored_portrait(job: Job, template):
+    """A portrait row and its file, written as save_portrait did before 0010 (no key, no job lock),
+    through the model as it was at 0009: today's has columns that 0009 has not."""
+    state = MigrationExecutor(connection).loader.project_state(("studio", "0009_job_templates_key"))
+    portrait = state.apps.get_model("studio", "Portrait")
+    name = services.default_storage.save(upload_portrait(job, "portrait.jpg"), ContentFile(b"a portrait"))
+    return portrait.objects.create(
+        owner_id=job.owner_id, persona_id=job.persona_id, template_id=template.pk, job_id=job.pk, image=name
+    )
 
 
 # --- Shutdown: SIGTERM once, twice ----------------------------------------------------------
