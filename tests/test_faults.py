@@ -156,6 +156,36 @@ def test_a_killed_worker_is_noticed_in_seconds_and_its_job_finishes_elsewhere_on
     assert_no_orphan_files(owner)
 
 
+def test_a_paused_worker_that_wakes_after_its_job_moved_on_stores_nothing(owner, owner_client, workers, worker_tmp):
+    """A worker frozen (SIGSTOP: a suspended VM, a process swapped out) past its registration is
+    taken for lost and its job finishes on the other worker. Woken, it stores nothing more of that
+    run (save_portrait checks the run is still its own), leaves the finished row as it is, and goes
+    on serving."""
+    persona = ready_persona(owner)
+    templates = twelve_templates(owner)
+    started = [workers(), workers()]
+    wait_for(lambda: len(live_workers()) == 2, 120, "both workers to start")
+    job = services.request_portraits(persona, templates)
+    paused = process_of(job, started)
+    wait_for(lambda: Portrait.objects.filter(job=job).exists(), 60, "the first portraits")
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: job_row(job).status == "succeeded", DETECTION_S + 120, "the job to finish on the other worker")
+        finished = job_row(job)
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    # Awake: it registers again within a beat, and the run it was in stops at its next store.
+    wait_for(lambda: healthz(owner_client)["worker"]["gpu_workers"] == 2, 30, "the woken worker to register again")
+    again = services.request_portraits(persona, templates[:1])
+    wait_for(lambda: job_row(again).status == "succeeded", 120, "the next job")
+    assert paused.poll() is None
+    row = job_row(job)
+    assert (row.status, row.finished, row.error_for_person) == ("succeeded", finished.finished, "")
+    assert_once_per_template(job, len(templates))
+    print(f"{services.sweep_orphan_files(older_than_s=0)} orphan file(s) swept")
+    assert_no_orphan_files(owner)
+
+
 def test_a_job_lost_twice_fails_in_words_and_asking_again_renders_only_what_is_missing(
     owner, owner_client, monkeypatch
 ):
