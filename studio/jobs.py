@@ -246,7 +246,11 @@ def _build_double(job: Job, report: JobReporter) -> None:
             services.set_persona_status(persona, Persona.Status.VALIDATING)
         report(update)
         if update.stage != "validating":  # a checkpoint is written once validated: stop after that
-            report.stop_if_worker_stops()  # the next build resumes from the last checkpoint
+            try:
+                report.stop_if_worker_stops()  # the next build resumes from the last checkpoint
+            except WorkerStopping:
+                log.info("double %s: the build stops at %s (%s)", persona.pk, update.stage, update.detail)
+                raise
 
     with services.job_folder(job, "double") as work:
         folder = Path(work)
