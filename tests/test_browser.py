@@ -6,7 +6,6 @@ Screenshots land in PHOTOBOOTH_ARTIFACTS (default: test-artifacts/ in the reposi
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,12 @@ from playwright.sync_api import expect, sync_playwright
 
 from photobooth.dev import free_port
 from studio.models import Portrait
+from tests.browser import launch_chromium
 from tests.jobs_fixtures import FACES, demo_templates, five_obamas
 from tests.processes import ROOT, start_web_server, start_worker, stop
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ARTIFACTS = Path(os.environ.get("PHOTOBOOTH_ARTIFACTS", ROOT / "test-artifacts"))
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture
@@ -47,17 +46,12 @@ def screenshot(page, name: str) -> None:
 
 
 def test_sign_up_to_portraits_to_deleting_everything(site, owner, tmp_path):
-    assert Path(CHROMIUM).exists(), "the browser test needs Debian's chromium (make test installs it)"
     first, second = demo_templates(owner, 2)  # staff content in the gallery
     second.title = "Supercalifragilistic" * 6  # one 120-letter word: it must wrap inside its card
     second.save()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
-        )
+        browser = launch_chromium(playwright)
         context = browser.new_context(viewport={"width": 420, "height": 900}, accept_downloads=True)
         page = context.new_page()
         page.set_default_timeout(90_000)
