@@ -31,8 +31,9 @@ Checkpoints (OUT/checkpoints/step-NNNNNN/) hold `pytorch_lora_weights.safetensor
 diffusers/PEFT LoRA format with the LoRA scale (alpha / rank) folded into lora_B, so any loader
 that assumes alpha == rank (diffusers does when no alpha is stored) applies it exactly; plus the
 validation images and scores. OUT/resume.pt holds the latest checkpoint's exact training state
-(fp32 LoRA weights, optimiser moments, random generator) so a cancelled or crashed run continues
-from it with the same results as an uninterrupted one; once the last step is checkpointed it only
+(fp32 LoRA weights, optimiser moments, random generator), or a stopped run's (cancelled, or its
+worker shut down) at the step it stopped, so a stopped or crashed run continues from there with
+the same results as an uninterrupted one; once the last step is checkpointed it only
 marks the run complete, and running again goes straight to fusion.
 
 Validation and fusion. Every checkpoint inpaints the face region of each validation template
@@ -74,7 +75,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from safetensors.torch import load_file, save_file
 
-from pipeline.common import CancelToken, Progress, ProgressCallback, ignore_progress
+from pipeline.common import Cancelled, CancelToken, Progress, ProgressCallback, ignore_progress
 from pipeline.cudagraphs import GraphedForward
 from pipeline.faces import largest_face_embeddings, load_face_analyzer
 from pipeline.compiling import CompiledGroupNorms
@@ -842,8 +843,8 @@ def train_persona(
     """Trains, checkpoints, validates and fuses; resumes from OUT's last checkpoint if there is one.
 
     The models are the process's resident set: LoRA layers are added for the run and removed
-    afterwards, whatever happens. Raises Cancelled (after the last finished checkpoint) when
-    `cancel` is set.
+    afterwards, whatever happens. Raises Cancelled when `cancel` is set, at the next step; then,
+    or when `progress` raises between steps, the steps done are kept for a resume.
     """
     config = config or TrainConfig()
     cancel = cancel or CancelToken()
@@ -901,8 +902,32 @@ def train_persona(
         text_prefix = text_model_prefix(text_encoder)
         since = clock.add("setup", since)
         step_started, last_report = time.perf_counter(), 0.0
+        saved_step = start_step
+
+        def is_checkpoint(steps: int) -> bool:
+            return steps % config.checkpoint_every == 0 or steps == total_steps
+
+        def keep_steps_done(steps: int) -> None:
+            """Writes the resume state of a run that stops between checkpoints (cancelled, or its
+            worker shutting down), so that it resumes where it stopped rather than at the last
+            checkpoint; at a checkpoint's step it resumes before it, so the checkpoint is made."""
+            if steps > saved_step and not is_checkpoint(steps):
+                writer.drain()
+                snapshot = resume_snapshot(host, steps, unet, text_encoder, optimizer, generator, config, False)
+                writer.submit(write_resume_state, out_dir, snapshot)
+
+        def report(update: Progress, steps: int) -> None:
+            """The progress callback between steps, which may stop the run by raising."""
+            try:
+                progress(update)
+            except BaseException:
+                keep_steps_done(steps)
+                raise
+
         for step_index in range(start_step, total_steps):
-            cancel.raise_if_cancelled()
+            if cancel.cancelled:
+                keep_steps_done(step_index)
+                raise Cancelled()
             sample = latents.sample(config.samples_per_step, generator)
             noisy, timesteps, target = schedule.batch(sample, generator)
             if cuda and config.channels_last:
@@ -918,10 +943,10 @@ def train_persona(
                 validated = sum(1 for c in checkpoints if c.step > start_step)
                 per_checkpoint = clock.seconds.get("validate", 0.0) / validated if validated else 2.0
                 eta = per_step * remaining + per_checkpoint * math.ceil(remaining / config.checkpoint_every)
-                progress(Progress(
+                report(Progress(
                     "training", done / total_steps, f"step {done}/{total_steps} loss {loss.item():.4f}", eta
-                ))
-            if done % config.checkpoint_every and done != total_steps:
+                ), done)
+            if not is_checkpoint(done):
                 continue
             since = clock.add("train", since)
             writer.drain()  # the host buffers are free again
@@ -929,7 +954,7 @@ def train_persona(
                 host, done, unet, text_encoder, optimizer, generator, config, complete=done == total_steps
             )
             since = clock.add("save", since)
-            progress(Progress("validating", done / total_steps, f"checkpoint {done}"))
+            report(Progress("validating", done / total_steps, f"checkpoint {done}"), done)
             unet.eval()
             text_encoder.eval()
             faces = validate(crops)
@@ -942,7 +967,8 @@ def train_persona(
                 write_checkpoint_and_resume_state, out_dir, folder, snapshot, config, text_prefix, faces, scores
             )
             checkpoints.append(CheckpointResult(done, folder, scores))
-            progress(Progress("training", done / total_steps, f"checkpoint {done} saved"))
+            saved_step = done
+            report(Progress("training", done / total_steps, f"checkpoint {done} saved"), done)
         step_mode = runner.mode
         run_losses = losses[start_step:].tolist()
     finally:

@@ -247,7 +247,7 @@ def _build_double(job: Job, report: JobReporter) -> None:
         report(update)
         if update.stage != "validating":  # a checkpoint is written once validated: stop after that
             try:
-                report.stop_if_worker_stops()  # the next build resumes from the last checkpoint
+                report.stop_if_worker_stops()  # the next build resumes from this step (pipeline.train)
             except WorkerStopping:
                 log.info("double %s: the build stops at %s (%s)", persona.pk, update.stage, update.detail)
                 raise

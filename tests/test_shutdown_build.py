@@ -1,7 +1,7 @@
 """One SIGTERM during a real build (issue 26): a worker process trains a double with the diffusion
 engine on the tiny model kit, is stopped once a checkpoint is on disk, puts the build back in line
-within seconds and exits; the next worker resumes from the last checkpoint, so the stop lost at
-most one checkpoint interval of training.
+within seconds and exits, keeping the training state of the step it stopped at; the next worker
+resumes from that step, so the stop lost no training.
 
 Bounded: every wait has its limit, and the worker processes are killed when the test ends.
 """
@@ -55,14 +55,15 @@ def build_workers(tmp_path):
 
 
 def resume_step(folder: Path) -> int | None:
-    """The step of the resume state (the last complete checkpoint), None while there is none."""
+    """The step of the resume state (the last complete checkpoint, or the step a stopped run
+    reached), None while there is none."""
     resume = folder / "resume.pt"
     if not resume.is_file():
         return None
     return int(torch.load(resume, map_location="cpu", weights_only=False)["step"])
 
 
-def test_one_sigterm_during_a_build_keeps_its_checkpoint_and_the_next_worker_resumes(
+def test_one_sigterm_during_a_build_keeps_its_training_and_the_next_worker_resumes_there(
     owner, build_workers, training_dir
 ):
     persona = persona_with_photos(owner)
@@ -101,10 +102,11 @@ def test_one_sigterm_during_a_build_keeps_its_checkpoint_and_the_next_worker_res
     (folder,) = training_dir.iterdir()
     kept = resume_step(folder)
     checkpoints = sorted(path.name for path in (folder / "checkpoints").iterdir())
-    print(f"the first worker stopped at step {stopped_at} of {STEPS}; checkpoints on disk: {checkpoints}")
-    assert kept is not None and EVERY <= kept <= stopped_at < STEPS
-    assert checkpoints[-1] == f"step-{kept:06d}"
-    assert stopped_at - kept <= EVERY  # at most one checkpoint interval of training is lost
+    print(f"the first worker reported step {stopped_at} of {STEPS} last and kept step {kept}; checkpoints: {checkpoints}")
+    # No training is lost: the state kept is at least as far as the last step the worker reported
+    # (it stops at the next step's start), and past the last checkpoint when it stopped between two.
+    assert kept is not None and EVERY <= stopped_at <= kept < STEPS
+    assert checkpoints[-1] <= f"step-{kept:06d}"
 
     second = build_workers()
     resumed = time.monotonic()

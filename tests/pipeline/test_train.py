@@ -163,6 +163,39 @@ def test_a_cancelled_run_resumes_from_its_last_checkpoint(trained, models, photo
         torch.testing.assert_close(value, uninterrupted[key])
 
 
+class WorkerStopping(Exception):
+    """What a worker's progress callback raises to stop a run when the worker shuts down."""
+
+
+@pytest.mark.parametrize("stop", ["cancel token", "progress callback raises"])
+def test_a_run_stopped_between_checkpoints_resumes_from_the_step_it_stopped_at(
+    stop, trained, models, photos, tmp_path
+):
+    """A worker's shutdown (or a cancel) between checkpoints loses no training: the resume state is
+    written at the step the run stopped, and no checkpoint outside the schedule is validated."""
+    templates = centred_templates(photos[:2])
+    cancel = CancelToken()
+
+    def stop_after_first_step(report):
+        if report.detail.startswith("step 1/4"):  # the first step is always reported
+            if stop == "cancel token":
+                cancel.cancel()
+            else:
+                raise WorkerStopping()
+
+    with pytest.raises(Cancelled if stop == "cancel token" else WorkerStopping):
+        train_persona(models, photos, tmp_path, pixel_embedder, templates, CONFIG, stop_after_first_step, cancel)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    assert torch.load(tmp_path / RESUME_FILE, weights_only=True)["step"] == 1
+
+    resumed = train_persona(models, photos, tmp_path, pixel_embedder, templates, CONFIG)
+    assert resumed.resumed_from_step == 1 and len(resumed.losses) == 3
+    assert [c.step for c in resumed.checkpoints] == [2, 4]
+    uninterrupted = load_file(checkpoint_folder(trained[0].lora_path.parent, 4) / LORA_FILE)
+    for key, value in load_file(checkpoint_folder(tmp_path, 4) / LORA_FILE).items():
+        torch.testing.assert_close(value, uninterrupted[key])
+
+
 def test_a_finished_run_resumes_to_fusion_only(trained, models, photos, tmp_path):
     result, _ = trained
     out = shutil.copytree(result.lora_path.parent, tmp_path / "finished")
