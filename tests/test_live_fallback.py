@@ -1,5 +1,5 @@
-"""The jobs panel while the live socket is down, in real headless Chromium against the site as
-`make run` serves it, with the real Redis behind its channel layer.
+"""The jobs panel's live updates, in real headless Chromium against the site as `make run` serves
+it, with the real Redis behind its channel layer.
 
 While the socket is down the panel fetches itself every 5 s; when the socket returns, its first
 message brings the page up to date (whatever changed while it was down), and the polling stops.
@@ -19,7 +19,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
-from playwright.sync_api import WebSocketRoute, expect, sync_playwright
+from playwright.sync_api import Browser, Page, WebSocketRoute, expect, sync_playwright
 
 from photobooth.dev import free_port
 from studio import services
@@ -62,6 +62,28 @@ def database_thread():
         thread.submit(lambda: connection.close()).result()  # the thread's own connection
 
 
+def signed_in_page(browser: Browser, site: str, user, route_socket=None) -> Page:
+    """A phone-sized page of the person's doubles, signed in through the login form, recording what
+    it does (RECORDER); its live socket goes through `route_socket` when given."""
+    page = browser.new_context(viewport={"width": 420, "height": 900}).new_page()
+    page.set_default_timeout(30_000)
+    page.add_init_script(RECORDER)
+    if route_socket:
+        page.route_web_socket(re.compile(r"/ws/jobs/$"), route_socket)
+    page.goto(site + "/accounts/login/")
+    page.fill("#id_username", user.username)
+    page.fill("#id_password", PASSWORD)
+    page.click("main button[type=submit]:has-text('Log in')")
+    expect(page.locator("h1")).to_have_text("My digital doubles")
+    return page
+
+
+def running_job(persona) -> Job:
+    """A build that a worker has started. No worker is named, so no page ends it as lost."""
+    return Job.objects.create(owner=persona.owner, persona=persona, kind=Job.Kind.TRAIN, status=Job.Status.RUNNING,
+                              stage="preprocess", progress=0.1, started=timezone.now())
+
+
 def move_to(job: Job, stage: str, progress: float) -> None:
     """The job's worker reaching a stage, as its progress callback stores it (not published)."""
     job.stage, job.progress, job.heartbeat = stage, progress, timezone.now()
@@ -69,10 +91,7 @@ def move_to(job: Job, stage: str, progress: float) -> None:
 
 
 def test_the_jobs_panel_polls_while_the_socket_is_down_and_catches_up_when_it_returns(site, owner, database_thread):
-    persona = services.create_persona(owner, "Me")
-    # Running with no worker named: no worker's registration is looked for, so no page ends it as lost.
-    job = Job.objects.create(owner=owner, persona=persona, kind=Job.Kind.TRAIN, status=Job.Status.RUNNING,
-                             stage="preprocess", progress=0.1, started=timezone.now())
+    job = running_job(services.create_persona(owner, "Me"))
     socket_up = False
     connected: list[WebSocketRoute] = []
 
@@ -85,15 +104,7 @@ def test_the_jobs_panel_polls_while_the_socket_is_down_and_catches_up_when_it_re
 
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)
-        page = browser.new_context(viewport={"width": 420, "height": 900}).new_page()
-        page.set_default_timeout(30_000)
-        page.add_init_script(RECORDER)
-        page.route_web_socket(re.compile(r"/ws/jobs/$"), route_socket)
-        page.goto(site + "/accounts/login/")
-        page.fill("#id_username", owner.username)
-        page.fill("#id_password", PASSWORD)
-        page.click("main button[type=submit]:has-text('Log in')")
-        expect(page.locator("h1")).to_have_text("My digital doubles")
+        page = signed_in_page(browser, site, owner, route_socket)
         panel = page.locator(f"#job-{job.pk}")
         expect(panel).to_contain_text("Preparing photos")
         page.wait_for_function("liveLog.closes >= 1")  # the socket tried, and was refused
@@ -125,4 +136,22 @@ def test_the_jobs_panel_polls_while_the_socket_is_down_and_catches_up_when_it_re
         polls_when_live = [live for live in page.evaluate("liveLog.polls") if live]
         assert polls_when_live == [], page.evaluate("liveLog")
         assert page.evaluate("window.photoboothLive") is True
+        browser.close()
+
+
+def test_a_job_the_page_does_not_show_yet_appears_with_its_first_live_update(site, owner, database_thread):
+    """A job asked for in another tab, or started after the page was rendered: its updates name an
+    element the page lacks, so the panel fetches itself (while live it does not poll)."""
+    persona = services.create_persona(owner, "Me")
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        page = signed_in_page(browser, site, owner)
+        page.wait_for_function("window.photoboothLive === true")
+        expect(page.locator("#jobs")).to_contain_text("Nothing is running.")
+
+        job = database_thread(running_job, persona)
+        assert database_thread(services.publish_job, job)  # as run_job publishes a job it starts
+
+        expect(page.locator(f"#job-{job.pk}")).to_contain_text("Preparing photos")
+        assert page.evaluate("liveLog.closes") == 0  # live all along: no poll brought it
         browser.close()

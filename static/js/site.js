@@ -4,6 +4,17 @@ window.photoboothLive = false;
 document.addEventListener("htmx:wsOpen", () => { window.photoboothLive = true; });
 document.addEventListener("htmx:wsClose", () => { window.photoboothLive = false; });
 
+// A job this page does not show yet (asked for in another tab, or started by a worker after the
+// page was rendered) arrives as an update of an element the page lacks: the panel is fetched again.
+document.addEventListener("htmx:oobErrorNoTarget", (event) => {
+  const panel = document.getElementById("jobs");
+  if (!panel || !/^job-\d+$/.test(event.detail.content.id) || panel.dataset.fetching) return;
+  panel.dataset.fetching = "true";  // one fetch for a burst of updates (the new panel has no flag)
+  htmx.ajax("GET", panel.getAttribute("hx-get"), { target: panel, swap: "outerHTML" }).finally(() => {
+    delete panel.dataset.fetching;
+  });
+});
+
 // A double's page follows its status. The status arrives over the socket (on every change, and on
 // connect, which covers changes missed before it opened); when it differs from the status the
 // page's body was rendered for, the body is fetched again (an htmx GET of the page answers with it).
