@@ -96,7 +96,9 @@ def test_sign_up_to_portraits_to_deleting_everything(site, owner, tmp_path):
             }""",
         )
         page.click("button:has-text('Upload')")
-        page.wait_for_timeout(1000)
+        # A request the page sends after the click: an upload the click sent would be recorded first.
+        with page.expect_request("**/static/favicon.svg?after-upload-clicks"):
+            page.evaluate("fetch('/static/favicon.svg?after-upload-clicks')")
         page.remove_listener("request", record_post)
         assert posts == []
         assert page.eval_on_selector("input[type=file]", "input => input.validationMessage") == (
