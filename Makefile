@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 
 .PHONY: install run test chromium
 
-# Re-installs only when requirements.txt changes.
-$(VENV)/installed.stamp: requirements.txt requirements-nodeps.txt
+# Re-installs only when one of these files changes.
+# constraints.txt holds every dependency's dependency at the version the suite passed with.
+$(VENV)/installed.stamp: requirements.txt requirements-nodeps.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt -c constraints.txt
 	touch $@
 
 install: $(VENV)/installed.stamp

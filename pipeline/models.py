@@ -233,15 +233,13 @@ def fetch_models(
         target = folder / spec.path / hub_file.filename
         progress(Progress("fetching", index / len(jobs), f"{spec.name}: {hub_file.filename}"))
         expected = hub_file.sha256 or recorded.get(f"{spec.path}/{hub_file.filename}")
-        if target.is_file() and (expected is None or sha256_file(target) == expected):
-            continue
-        hf_hub_download(
-            hub_file.repo_id,
-            hub_file.filename,
-            revision=hub_file.revision,
-            local_dir=folder / spec.path,
-            force_download=target.is_file(),
-        )
+        if target.is_file():
+            if expected is None or sha256_file(target) == expected:
+                continue
+            # Damaged: removed first, so a download that fails leaves no file that looks like the
+            # model (huggingface_hub keeps the old one then, since 2.5) and one that works fetches anew.
+            target.unlink()
+        hf_hub_download(hub_file.repo_id, hub_file.filename, revision=hub_file.revision, local_dir=folder / spec.path)
         if hub_file.sha256 is not None and sha256_file(target) != hub_file.sha256:
             target.unlink()
             raise ValueError(f"{hub_file.repo_id}/{hub_file.filename} does not match its pinned sha256")
