@@ -893,8 +893,14 @@ def train_persona(
             )
 
         runner = StepRunner(step, optimizer, use_graph)
+
+        def is_checkpoint(steps: int) -> bool:
+            return steps % config.checkpoint_every == 0 or steps == total_steps
+
+        # A run stopped at a checkpoint's step before that checkpoint was made owes it first.
+        owed = start_step > 0 and is_checkpoint(start_step) and all(c.step != start_step for c in checkpoints)
         # Nothing to validate when resuming a finished run (its copies of the weights cost memory).
-        validate = Validator(models, config, resolution, use_graph) if start_step < total_steps else None
+        validate = Validator(models, config, resolution, use_graph) if start_step < total_steps or owed else None
         if config.compiled_norms:
             installed.enter_context(CompiledGroupNorms(unet, models.vae).installed())
         losses = torch.zeros(total_steps, device=device)
@@ -904,14 +910,11 @@ def train_persona(
         step_started, last_report = time.perf_counter(), 0.0
         saved_step = start_step
 
-        def is_checkpoint(steps: int) -> bool:
-            return steps % config.checkpoint_every == 0 or steps == total_steps
-
         def keep_steps_done(steps: int) -> None:
             """Writes the resume state of a run that stops between checkpoints (cancelled, or its
             worker shutting down), so that it resumes where it stopped rather than at the last
-            checkpoint; at a checkpoint's step it resumes before it, so the checkpoint is made."""
-            if steps > saved_step and not is_checkpoint(steps):
+            checkpoint; stopped at a checkpoint's step, the resumed run makes that checkpoint first."""
+            if steps > saved_step:
                 writer.drain()
                 snapshot = resume_snapshot(host, steps, unet, text_encoder, optimizer, generator, config, False)
                 writer.submit(write_resume_state, out_dir, snapshot)
@@ -924,31 +927,10 @@ def train_persona(
                 keep_steps_done(steps)
                 raise
 
-        for step_index in range(start_step, total_steps):
-            if cancel.cancelled:
-                keep_steps_done(step_index)
-                raise Cancelled()
-            sample = latents.sample(config.samples_per_step, generator)
-            noisy, timesteps, target = schedule.batch(sample, generator)
-            if cuda and config.channels_last:
-                noisy = noisy.contiguous(memory_format=torch.channels_last)
-            loss = runner(noisy, timesteps, target)
-            losses[step_index] = loss
-            done = step_index + 1
-            now = time.perf_counter()
-            if now - last_report > 0.5 or done == total_steps or done % config.checkpoint_every == 0:
-                last_report = now
-                per_step = (now - step_started) / (done - start_step)
-                remaining = total_steps - done
-                validated = sum(1 for c in checkpoints if c.step > start_step)
-                per_checkpoint = clock.seconds.get("validate", 0.0) / validated if validated else 2.0
-                eta = per_step * remaining + per_checkpoint * math.ceil(remaining / config.checkpoint_every)
-                report(Progress(
-                    "training", done / total_steps, f"step {done}/{total_steps} loss {loss.item():.4f}", eta
-                ), done)
-            if not is_checkpoint(done):
-                continue
-            since = clock.add("train", since)
+        def make_checkpoint(done: int) -> None:
+            """Validates the LoRA after `done` steps and writes it with the resume state (in the
+            background, while training goes on)."""
+            nonlocal since, saved_step
             writer.drain()  # the host buffers are free again
             snapshot = resume_snapshot(
                 host, done, unet, text_encoder, optimizer, generator, config, complete=done == total_steps
@@ -969,6 +951,34 @@ def train_persona(
             checkpoints.append(CheckpointResult(done, folder, scores))
             saved_step = done
             report(Progress("training", done / total_steps, f"checkpoint {done} saved"), done)
+
+        if owed:
+            make_checkpoint(start_step)
+        for step_index in range(start_step, total_steps):
+            if cancel.cancelled:
+                keep_steps_done(step_index)
+                raise Cancelled()
+            sample = latents.sample(config.samples_per_step, generator)
+            noisy, timesteps, target = schedule.batch(sample, generator)
+            if cuda and config.channels_last:
+                noisy = noisy.contiguous(memory_format=torch.channels_last)
+            loss = runner(noisy, timesteps, target)
+            losses[step_index] = loss
+            done = step_index + 1
+            now = time.perf_counter()
+            if now - last_report > 0.5 or is_checkpoint(done):
+                last_report = now
+                per_step = (now - step_started) / (done - start_step)
+                remaining = total_steps - done
+                validated = sum(1 for c in checkpoints if c.step > start_step)
+                per_checkpoint = clock.seconds.get("validate", 0.0) / validated if validated else 2.0
+                eta = per_step * remaining + per_checkpoint * math.ceil(remaining / config.checkpoint_every)
+                report(Progress(
+                    "training", done / total_steps, f"step {done}/{total_steps} loss {loss.item():.4f}", eta
+                ), done)
+            if is_checkpoint(done):
+                since = clock.add("train", since)
+                make_checkpoint(done)
         step_mode = runner.mode
         run_losses = losses[start_step:].tolist()
     finally:

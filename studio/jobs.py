@@ -245,12 +245,11 @@ def _build_double(job: Job, report: JobReporter) -> None:
         if update.stage == "validating" and persona.status != Persona.Status.VALIDATING:
             services.set_persona_status(persona, Persona.Status.VALIDATING)
         report(update)
-        if update.stage != "validating":  # a checkpoint is written once validated: stop after that
-            try:
-                report.stop_if_worker_stops()  # the next build resumes from this step (pipeline.train)
-            except WorkerStopping:
-                log.info("double %s: the build stops at %s (%s)", persona.pk, update.stage, update.detail)
-                raise
+        try:
+            report.stop_if_worker_stops()  # the next build resumes from this step (pipeline.train)
+        except WorkerStopping:
+            log.info("double %s: the build stops at %s (%s)", persona.pk, update.stage, update.detail)
+            raise
 
     with services.job_folder(job, "double") as work:
         folder = Path(work)

@@ -95,9 +95,10 @@ def test_one_sigterm_during_a_build_keeps_its_training_and_the_next_worker_resum
 
     first_output = output_of(first)
     stopped = re.search(
-        rf"double {persona.pk}: the build stops at training \((?:step (\d+)/{STEPS}|checkpoint (\d+) saved)", first_output
+        rf"double {persona.pk}: the build stops at (?:training|validating) \((?:step (\d+)/{STEPS}|checkpoint (\d+))",
+        first_output,
     )
-    assert stopped, first_output[-4000:]  # it stopped in training, at a step's progress report
+    assert stopped, first_output[-4000:]  # it stopped in training, at a progress report
     stopped_at = int(stopped.group(1) or stopped.group(2))
     (folder,) = training_dir.iterdir()
     kept = resume_step(folder)

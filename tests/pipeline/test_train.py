@@ -167,33 +167,40 @@ class WorkerStopping(Exception):
     """What a worker's progress callback raises to stop a run when the worker shuts down."""
 
 
-@pytest.mark.parametrize("stop", ["cancel token", "progress callback raises"])
+@pytest.mark.parametrize(("stop", "at", "kept"), [
+    ("cancel token", "step 1/4", 1),  # checked before the next step
+    ("progress callback raises", "step 1/4", 1),  # as a worker's shutdown stops it
+    ("progress callback raises", "step 2/4", 2),  # a checkpoint's step, before it is validated
+    ("progress callback raises", "checkpoint 2", 2),  # while it is validated
+])
 def test_a_run_stopped_between_checkpoints_resumes_from_the_step_it_stopped_at(
-    stop, trained, models, photos, tmp_path
+    stop, at, kept, trained, models, photos, tmp_path
 ):
-    """A worker's shutdown (or a cancel) between checkpoints loses no training: the resume state is
-    written at the step the run stopped, and no checkpoint outside the schedule is validated."""
+    """A worker's shutdown (or a cancel) loses no training: the resume state is written at the step
+    the run stopped; a checkpoint it stopped before is made first when it resumes, so the result
+    is the uninterrupted run's, checkpoint by checkpoint."""
     templates = centred_templates(photos[:2])
     cancel = CancelToken()
 
-    def stop_after_first_step(report):
-        if report.detail.startswith("step 1/4"):  # the first step is always reported
+    def stop_there(report):  # the first step and every checkpoint's step are always reported
+        if report.detail == at or report.detail.startswith(at + " "):
             if stop == "cancel token":
                 cancel.cancel()
             else:
                 raise WorkerStopping()
 
     with pytest.raises(Cancelled if stop == "cancel token" else WorkerStopping):
-        train_persona(models, photos, tmp_path, pixel_embedder, templates, CONFIG, stop_after_first_step, cancel)
+        train_persona(models, photos, tmp_path, pixel_embedder, templates, CONFIG, stop_there, cancel)
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
-    assert torch.load(tmp_path / RESUME_FILE, weights_only=True)["step"] == 1
+    assert torch.load(tmp_path / RESUME_FILE, weights_only=True)["step"] == kept
 
     resumed = train_persona(models, photos, tmp_path, pixel_embedder, templates, CONFIG)
-    assert resumed.resumed_from_step == 1 and len(resumed.losses) == 3
+    assert resumed.resumed_from_step == kept and len(resumed.losses) == 4 - kept
     assert [c.step for c in resumed.checkpoints] == [2, 4]
-    uninterrupted = load_file(checkpoint_folder(trained[0].lora_path.parent, 4) / LORA_FILE)
-    for key, value in load_file(checkpoint_folder(tmp_path, 4) / LORA_FILE).items():
-        torch.testing.assert_close(value, uninterrupted[key])
+    for step in (2, 4):
+        uninterrupted = load_file(checkpoint_folder(trained[0].lora_path.parent, step) / LORA_FILE)
+        for key, value in load_file(checkpoint_folder(tmp_path, step) / LORA_FILE).items():
+            torch.testing.assert_close(value, uninterrupted[key])
 
 
 def test_a_finished_run_resumes_to_fusion_only(trained, models, photos, tmp_path):
