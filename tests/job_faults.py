@@ -1,6 +1,6 @@
 """RQ job functions for tests only: the real portrait job (studio.jobs.make_portraits, so the real
 run_job, job folder and failure handling) with a fault put where a real one would arise, in the
-rendering. A real worker imports them by dotted path: it runs from the repository root, where
+rendering (or a rendering that takes long). A real worker imports them by dotted path: it runs from the repository root, where
 `tests` is a package.
 
 Each records what the test cannot see from outside in a marker file in the worker's temporary
@@ -60,6 +60,22 @@ def make_portraits_slowly(job_id: int) -> None:
         _record(job_id, "rendering")
         time.sleep(600)
         raise AssertionError("the job's timeout did not stop it")
+
+    _with_faults(job_id, render_portraits, torch.cuda.empty_cache)
+
+
+def make_portraits_with_a_long_second_batch(job_id: int) -> None:
+    """The portrait job, whose second batch renders for long (a batch of big portraits on a slow
+    machine, made certain): once the first batch is stored, marker "rendering" is written and the
+    rendering of the second waits 120 s before it begins."""
+    render, batches = jobs.render_portraits, []
+
+    def render_portraits(*args, **kwargs):
+        batches.append(len(batches) + 1)
+        if len(batches) == 2:
+            _record(job_id, "rendering")
+            time.sleep(120)
+        return render(*args, **kwargs)
 
     _with_faults(job_id, render_portraits, torch.cuda.empty_cache)
 

@@ -38,6 +38,7 @@ from photobooth.dev import redis_server_binary
 from studio import jobs, services
 from studio.models import Job, Portrait, upload_portrait
 from studio.worker import COLD_STOP_S, MAINTENANCE_INTERVAL_S, StudioWorker
+from tests.job_faults import marker
 from tests.jobs_fixtures import demo_templates, persona_with_photos, ready_persona, twelve_templates
 from tests.processes import output_of, start_worker, stop, wait_for
 
@@ -299,18 +300,22 @@ def test_one_sigterm_puts_the_job_back_in_line_and_the_next_worker_finishes_it(o
     assert_no_orphan_files(owner)
 
 
-def test_a_second_sigterm_stops_the_worker_at_once_and_the_row_goes_back_in_line(owner, workers, worker_tmp):
+def test_a_second_sigterm_stops_the_worker_at_once_and_the_row_goes_back_in_line(
+    owner, workers, worker_tmp, monkeypatch
+):
     persona = ready_persona(owner)
     templates = twelve_templates(owner)
-    # Larger portraits: a batch takes long enough (seconds) that the second signal arrives inside it.
-    worker = workers(PORTRAIT_SIZE="768")
-    job = services.request_portraits(persona, templates)
+    with monkeypatch.context() as patched:  # its second batch takes long: the signals land inside it
+        patched.setitem(services.JOB_FUNCTIONS, Job.Kind.GENERATE, "tests.job_faults.make_portraits_with_a_long_second_batch")
+        job = services.request_portraits(persona, templates)
+    worker = workers()
     # The first batch is stored: the second is being rendered.
-    wait_for(lambda: Portrait.objects.filter(job=job).count() >= jobs.PORTRAIT_BATCH, 180, "the first batch")
+    wait_for(marker(job.pk, "rendering", worker_tmp).exists, 180, "the second batch")
+    assert Portrait.objects.filter(job=job).count() == jobs.PORTRAIT_BATCH
     worker.send_signal(signal.SIGTERM)
     time.sleep(1.2)  # RQ takes two signals within a second for one
-    if worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
+    assert worker.poll() is None, output_of(worker)[-3000:]  # one signal waits for the batch
+    worker.send_signal(signal.SIGTERM)
     stopped_at = time.monotonic()
     worker.wait(timeout=COLD_STOP_S + 10)  # it never hangs
     print(f"the worker exited {time.monotonic() - stopped_at:.1f} s after the second SIGTERM")
